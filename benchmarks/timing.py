@@ -1,0 +1,56 @@
+"""Timing helpers shared by the benchmark scripts (which print JSON; nothing is asserted)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def compile_and_time(fn: Callable, *args, repeats: int = 15, warmup: int = 2,
+                     donate: tuple[int, ...] = ()) -> dict[str, Any]:
+    """Compiles ``jax.jit(fn)`` for ``args`` and times it.
+
+    Returns ``compile`` (seconds for lowering + compilation), ``median`` and ``min``
+    seconds per call over ``repeats`` calls after ``warmup`` calls, and XLA's ``flops``
+    estimate where available.
+    """
+    jitted = jax.jit(fn, donate_argnums=donate)
+    t0 = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    flops = None
+    try:
+        cost = compiled.cost_analysis()
+        if isinstance(cost, (list, tuple)):
+            cost = cost[0]
+        flops = float(cost.get("flops", 0.0)) if cost else None
+    except Exception:  # cost analysis is optional on some backends
+        flops = None
+    out = None
+    for _ in range(warmup):
+        out = jax.block_until_ready(compiled(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - t0)
+    return {"compile": compile_s, "median": statistics.median(times), "min": min(times),
+            "flops": flops, "output": out}
+
+
+def matmul_gflops(n: int = 1024, repeats: int = 10) -> float:
+    """float32 matmul rate of this machine (GFLOP/s), measured through XLA."""
+    a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), jnp.float32)
+    f = jax.jit(lambda a, b: a @ b)
+    jax.block_until_ready(f(a, a))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(a, a))
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(times) / 1e9

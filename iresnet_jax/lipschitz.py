@@ -1,0 +1,366 @@
+"""Lipschitz control: power iteration on linear operators and spectral normalization.
+
+The residual branch ``g`` of an i-ResNet block must be a contraction. With 1-Lipschitz
+activations, ``Lip(g) <= prod_i ||W_i||_2``, so every linear map is rescaled by the soft
+spectral normalization of the paper's Eq. (2)::
+
+    W_tilde = W / max(1, sigma / c),    sigma ~= ||W||_2.
+
+For a convolution, ``||W||_2`` is the norm of the *convolution operator* acting on inputs
+of the real spatial size, not the norm of the kernel reshaped to a matrix (which can
+underestimate it by up to a factor ``sqrt(kh * kw)``, see ``reshaped_kernel_norm``). The
+power iteration here alternates the convolution and its exact transpose
+(``jax.linear_transpose``). ``conv_singular_values`` computes all singular values of a
+circular convolution exactly from the 2-D FFT of the kernel (Sedghi et al., 2019), which
+certifies the constraint; for zero padding it is an upper bound.
+
+The pure functions come first; ``SpectralDense`` and ``SpectralConv`` are thin Flax
+modules over them whose power-iteration vector lives in the ``"spectral"`` collection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from iresnet_jax import utils
+
+Array = jax.Array
+
+SPECTRAL = "spectral"
+
+_EPS = 1e-12
+_CONV_DIMS = ("NHWC", "HWIO", "NHWC")
+
+
+def check_coeff(coeff: float) -> float:
+    """Returns ``coeff`` if it is a valid Lipschitz coefficient, else raises ``ValueError``.
+
+    The coefficient must lie in the open interval (0, 1): at ``c >= 1`` the residual branch
+    is no longer guaranteed to be a contraction and the block may not be invertible.
+    """
+    try:
+        c = float(coeff)
+    except (TypeError, ValueError):
+        raise ValueError(f"Lipschitz coefficient must be a number in (0, 1), got {coeff!r}")
+    if not 0.0 < c < 1.0:
+        raise ValueError(
+            f"Lipschitz coefficient must lie in (0, 1), got c={c}; c >= 1 does not make the "
+            "residual branch a contraction, so the block may not be invertible")
+    return c
+
+
+def _normalize(v: Array) -> Array:
+    return v / jnp.maximum(jnp.linalg.norm(v.ravel()), _EPS)
+
+
+def soft_normalize(weight: Array, sigma: Array, coeff: float) -> Array:
+    """Eq. (2): ``W / max(1, sigma / coeff)`` (a no-op when ``sigma <= coeff``)."""
+    return weight / jnp.maximum(1.0, sigma / coeff)
+
+
+def operator_norm(op: Callable[[Array], Array], u: Array, n_iter: int,
+                  *, op_transpose: Callable[[Array], Array] | None = None
+                  ) -> tuple[Array, Array]:
+    """Largest singular value of a linear operator by power iteration on ``op^T op``.
+
+    Args:
+      op: a linear function of one array.
+      u: starting vector with the shape of ``op``'s input (need not be normalized).
+      n_iter: number of iterations (0 only evaluates ``||op(u)||`` at the normalized ``u``).
+        Up to 8 iterations are unrolled; more run in a ``lax.fori_loop``.
+      op_transpose: the adjoint of ``op``; by default ``jax.linear_transpose(op, u)``.
+
+    Returns:
+      ``(sigma, u)``: the estimate ``||op(u)||`` at the final unit vector ``u``, and ``u``.
+      The estimate is a lower bound of the true norm that increases with ``n_iter``.
+
+    Example:
+      >>> w = jnp.diag(jnp.array([3.0, 1.0]))
+      >>> sigma, _ = operator_norm(lambda v: w @ v, jnp.ones(2), 50)  # sigma ~= 3
+    """
+    if n_iter < 0:
+        raise ValueError(f"n_iter must be >= 0, got {n_iter}")
+    if op_transpose is None:
+        transpose = jax.linear_transpose(op, u)
+        op_transpose = lambda v: transpose(v)[0]
+    u = _normalize(u)
+
+    def step(u):
+        return _normalize(op_transpose(op(u)))
+
+    if n_iter <= 8:
+        for _ in range(n_iter):
+            u = step(u)
+    else:
+        u = lax.fori_loop(0, n_iter, lambda _, u: step(u), u)
+    sigma = jnp.linalg.norm(op(u).ravel())
+    return sigma, u
+
+
+def conv2d(x: Array, kernel: Array, *, strides: int | Sequence[int] = 1,
+           padding: str | Sequence[tuple[int, int]] = "SAME",
+           precision: Any = None) -> Array:
+    """2-D cross-correlation on NHWC inputs with an HWIO kernel (Flax's convention).
+
+    ``padding`` is ``"SAME"`` (zeros), ``"VALID"``, explicit pairs, or ``"CIRCULAR"``
+    (periodic; ``"SAME"``-sized output, the operator that ``conv_singular_values``
+    diagonalizes exactly).
+    """
+    if isinstance(strides, int):
+        strides = (strides, strides)
+    if isinstance(padding, str) and padding == "CIRCULAR":
+        kh, kw = kernel.shape[:2]
+        pads = [(0, 0), ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2), (0, 0)]
+        x = jnp.pad(x, pads, mode="wrap")
+        padding = "VALID"
+    return lax.conv_general_dilated(x, kernel, window_strides=tuple(strides), padding=padding,
+                                    dimension_numbers=_CONV_DIMS, precision=precision)
+
+
+def dense_norm(kernel: Array, u: Array, n_iter: int) -> tuple[Array, Array]:
+    """Power iteration for ``x -> x @ kernel`` (``kernel`` of shape ``(in, out)``)."""
+    return operator_norm(lambda v: v @ kernel, u, n_iter,
+                         op_transpose=lambda w: kernel @ w)
+
+
+def conv_norm(kernel: Array, u: Array, n_iter: int, *, strides=1,
+              padding="SAME") -> tuple[Array, Array]:
+    """Power iteration on the convolution operator acting on inputs shaped like ``u``.
+
+    ``u`` has shape ``(1, H, W, C_in)``: the operator is the convolution at that spatial
+    size with the given zero padding, and its transpose is the exact adjoint.
+    """
+    return operator_norm(lambda v: conv2d(v, kernel, strides=strides, padding=padding),
+                         u, n_iter)
+
+
+def conv_singular_values(kernel: Array, spatial_shape: Sequence[int]) -> Array:
+    """Exact singular values of the circular 2-D convolution with ``kernel``.
+
+    For an ``n x m`` input with circular (periodic) padding, the convolution operator is
+    block-diagonalized by the 2-D DFT: its singular values are those of the
+    ``C_in x C_out`` matrices ``K_hat[p, q] = sum_{a,b} K[a, b] exp(-2 pi i (pa/n + qb/m))``
+    (Sedghi, Gupta and Long, 2019). Phases from the kernel's centring and the difference
+    between convolution and correlation do not change them. For zero padding the result
+    is an upper bound of the operator norm (the zero-padded operator is a compression of
+    the circular one on a larger grid, and in practice its norm is close to it).
+
+    Args:
+      kernel: HWIO kernel ``(kh, kw, C_in, C_out)`` with ``kh <= n`` and ``kw <= m``.
+      spatial_shape: ``(n, m)``, the input's spatial size.
+
+    Returns:
+      Array of shape ``(n, m, min(C_in, C_out))``; ``.max()`` is the operator norm.
+    """
+    kernel = jnp.asarray(kernel)
+    if kernel.ndim != 4:
+        raise ValueError(f"kernel must be HWIO with 4 dimensions, got shape {kernel.shape}")
+    n, m = (int(s) for s in spatial_shape)
+    if kernel.shape[0] > n or kernel.shape[1] > m:
+        raise ValueError(f"kernel {kernel.shape[:2]} is larger than the input {(n, m)}")
+    transfer = jnp.fft.fft2(kernel, s=(n, m), axes=(0, 1))
+    return jnp.linalg.svd(transfer, compute_uv=False)
+
+
+def reshaped_kernel_norm(kernel: Array) -> Array:
+    """Spectral norm of the kernel reshaped to ``(kh*kw*C_in, C_out)``.
+
+    This is what reshaping-based spectral normalization (e.g. ``flax.linen.SpectralNorm``)
+    controls. It is *not* the norm of the convolution operator and must not be used to
+    certify invertibility; it is kept for comparison and tests.
+    """
+    kernel = jnp.asarray(kernel)
+    return jnp.linalg.norm(kernel.reshape(-1, kernel.shape[-1]), ord=2)
+
+
+def conv_dense_matrix(kernel: Array, spatial_shape: Sequence[int], *, padding="SAME",
+                      strides=1) -> Array:
+    """The dense matrix of the conv operator (for tests and small certificates).
+
+    Row ``i`` is the flattened output for the ``i``-th flattened unit input of shape
+    ``(n, m, C_in)``; its largest singular value is the exact operator norm.
+    """
+    n, m = (int(s) for s in spatial_shape)
+    c_in = kernel.shape[2]
+    d = n * m * c_in
+    basis = jnp.eye(d, dtype=kernel.dtype).reshape(d, n, m, c_in)
+    out = conv2d(basis, kernel, padding=padding, strides=strides)
+    return out.reshape(d, -1)
+
+
+# --------------------------------------------------------------------------------------
+# Overriding the number of power iterations (certification).
+
+_override = threading.local()
+
+
+@contextlib.contextmanager
+def power_iterations(n_iter: int):
+    """Within this context every spectral layer runs ``n_iter`` power iterations.
+
+    Applies while a model is *traced*: use it around an un-jitted ``model.apply`` (or a
+    function jitted inside the context). With ``train=True, mutable=["spectral"]`` the
+    stored vectors converge, which makes the stored ``sigma`` a tight estimate::
+
+        with lipschitz.power_iterations(200):
+            _, state = model.apply(variables, x, train=True, mutable=["spectral"])
+    """
+    if n_iter < 0:
+        raise ValueError(f"n_iter must be >= 0, got {n_iter}")
+    previous = getattr(_override, "n_iter", None)
+    _override.n_iter = int(n_iter)
+    try:
+        yield
+    finally:
+        _override.n_iter = previous
+
+
+def _iterations(n_train: int, train: bool) -> int:
+    forced = getattr(_override, "n_iter", None)
+    if forced is not None:
+        return forced
+    return n_train if train else 0
+
+
+# --------------------------------------------------------------------------------------
+# Flax modules.
+
+
+class _SpectralBase(nn.Module):
+    """Shared logic: state in the "spectral" collection, soft normalization."""
+
+    def _normalized(self, kernel: Array, u_shape: tuple[int, ...],
+                    norm_fn: Callable[[Array, Array, int], tuple[Array, Array]],
+                    train: bool) -> Array:
+        coeff = check_coeff(self.coeff)
+        u_var = self.variable(
+            SPECTRAL, "u",
+            lambda: _normalize(utils.normal(self.make_rng("params"), u_shape, kernel.dtype)))
+        sigma_var = self.variable(SPECTRAL, "sigma", lambda: jnp.zeros((), kernel.dtype))
+        if u_var.value.shape != tuple(u_shape):
+            raise ValueError(
+                f"{type(self).__name__} was built for inputs of shape {u_var.value.shape[1:]}"
+                f" (power-iteration vector), got {tuple(u_shape[1:])}: the operator norm of a"
+                " convolution depends on the input's spatial size")
+        if self.is_initializing():
+            n_iter = self.init_power_iter
+        else:
+            n_iter = _iterations(self.n_power_iter, train)
+        w_const = lax.stop_gradient(kernel)
+        with jax.default_matmul_precision("float32"):
+            _, u = norm_fn(w_const, u_var.value, n_iter)
+        u = lax.stop_gradient(u)
+        # sigma = ||W u|| with u fixed: differentiable in W, as in spectral normalization.
+        with jax.default_matmul_precision("float32"):
+            sigma, _ = norm_fn(kernel, u, 0)
+        if (self.is_initializing() or n_iter > 0) and self.is_mutable_collection(SPECTRAL):
+            u_var.value = u
+            sigma_var.value = lax.stop_gradient(sigma)
+        return soft_normalize(kernel, sigma, coeff)
+
+
+class SpectralDense(_SpectralBase):
+    """Dense layer whose effective kernel is ``W / max(1, sigma / coeff)`` (Eq. 2).
+
+    ``sigma`` is a power-iteration estimate of ``||W||_2``. The iteration vector ``u``
+    (shape ``(in_features,)``) and the last ``sigma`` live in the ``"spectral"``
+    collection; a training call (``train=True``) runs ``n_power_iter`` iterations and
+    stores ``u`` when the caller passes ``mutable=["spectral"]``; evaluation uses the
+    stored ``u`` as is. Initialization runs ``init_power_iter`` iterations.
+
+    Example:
+      >>> layer = SpectralDense(8, coeff=0.9)
+      >>> variables = layer.init(jax.random.key(0), jnp.ones((4, 3)))
+      >>> y, state = layer.apply(variables, jnp.ones((4, 3)), train=True,
+      ...                        mutable=["spectral"])
+    """
+    features: int
+    coeff: float = 0.9
+    n_power_iter: int = 1
+    init_power_iter: int = 20
+    use_bias: bool = True
+    kernel_init: Callable = utils.lecun_normal
+    bias_init: Callable = nn.initializers.zeros
+
+    def __post_init__(self):
+        check_coeff(self.coeff)
+        super().__post_init__()
+
+    @nn.compact
+    def weights(self, x: Array | jax.ShapeDtypeStruct, *, train: bool = False
+                ) -> tuple[Array, Array | None]:
+        """The normalized kernel ``(in, out)`` and the bias (or ``None``) for inputs like
+        ``x`` (an array or ``jax.ShapeDtypeStruct``; parameters take its dtype)."""
+        in_features = x.shape[-1]
+        kernel = self.param("kernel", self.kernel_init, (in_features, self.features), x.dtype)
+        bias = (self.param("bias", self.bias_init, (self.features,), x.dtype)
+                if self.use_bias else None)
+        kernel = self._normalized(kernel, (in_features,), dense_norm, train)
+        return kernel, bias
+
+    def __call__(self, x: Array, *, train: bool = False) -> Array:
+        kernel, bias = self.weights(x, train=train)
+        y = x @ kernel
+        return y + bias if bias is not None else y
+
+
+class SpectralConv(_SpectralBase):
+    """2-D convolution (NHWC) normalized by its true *operator* norm.
+
+    The power iteration alternates the convolution and its transpose on a vector of one
+    input's shape ``(1, H, W, C_in)``, so ``sigma`` estimates the norm of the operator at
+    the real spatial size and padding (not the reshaped kernel's norm). State handling is
+    as in ``SpectralDense``.
+
+    Example:
+      >>> conv = SpectralConv(16, (3, 3), coeff=0.9, n_power_iter=5)
+      >>> x = jnp.ones((2, 8, 8, 4))
+      >>> variables = conv.init(jax.random.key(0), x)
+      >>> y = conv.apply(variables, x)           # evaluation: stored u, no update
+    """
+    features: int
+    kernel_size: Sequence[int] = (3, 3)
+    coeff: float = 0.9
+    n_power_iter: int = 1
+    init_power_iter: int = 20
+    strides: int | Sequence[int] = 1
+    padding: str = "SAME"  # or "CIRCULAR"
+    use_bias: bool = True
+    kernel_init: Callable = utils.lecun_normal
+    bias_init: Callable = nn.initializers.zeros
+
+    def __post_init__(self):
+        check_coeff(self.coeff)
+        super().__post_init__()
+
+    @nn.compact
+    def weights(self, x: Array | jax.ShapeDtypeStruct, *, train: bool = False
+                ) -> tuple[Array, Array | None]:
+        """The normalized HWIO kernel and the bias for NHWC inputs like ``x`` (an array or
+        ``jax.ShapeDtypeStruct``; parameters take its dtype)."""
+        input_shape = x.shape
+        if len(input_shape) != 4:
+            raise ValueError(f"SpectralConv expects NHWC inputs, got shape {tuple(input_shape)}")
+        ks = tuple(self.kernel_size) if not isinstance(self.kernel_size, int) else (
+            self.kernel_size, self.kernel_size)
+        c_in = input_shape[-1]
+        kernel = self.param("kernel", self.kernel_init, ks + (c_in, self.features), x.dtype)
+        bias = (self.param("bias", self.bias_init, (self.features,), x.dtype)
+                if self.use_bias else None)
+        u_shape = (1,) + tuple(input_shape[1:])
+        norm_fn = lambda k, u, n: conv_norm(k, u, n, strides=self.strides,
+                                            padding=self.padding)
+        kernel = self._normalized(kernel, u_shape, norm_fn, train)
+        return kernel, bias
+
+    def __call__(self, x: Array, *, train: bool = False) -> Array:
+        kernel, bias = self.weights(x, train=train)
+        y = conv2d(x, kernel, strides=self.strides, padding=self.padding)
+        return y + bias if bias is not None else y

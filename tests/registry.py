@@ -1,0 +1,55 @@
+"""One registry of invertible modules drives the invariant tests (test_invariants.py).
+
+Each entry builds a module following the flow protocol, with an input shape small enough
+for a dense float64 Jacobian. Later models add themselves here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import flax.linen as nn
+
+from iresnet_jax import blocks, flow, layers, logdet
+
+EXACT = logdet.LogDetConfig("exact")
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    name: str
+    build: Callable[[], nn.Module]
+    shape: tuple[int, ...]
+    # Whether log_det is the exact log|det J| (False for injective padding).
+    exact_logdet: bool = True
+
+
+def _conv_block(**kw):
+    kw.setdefault("actnorm", "before")
+    return blocks.InvertibleBlock(blocks.ConvBranch(hidden=4, coeff=0.9), logdet=EXACT,
+                                  inverse_tol=1e-10, inverse_max_iter=500, **kw)
+
+
+def _mlp_block(**kw):
+    return blocks.InvertibleBlock(blocks.MLPBranch(hidden=(8, 8), coeff=0.9),
+                                  logdet=EXACT, inverse_tol=1e-10, inverse_max_iter=500, **kw)
+
+
+REGISTRY = [
+    Entry("actnorm", layers.ActNorm, (3, 2, 2, 3)),
+    Entry("squeeze", layers.Squeeze, (2, 4, 4, 1)),
+    Entry("mlp_block_actnorm_after", lambda: _mlp_block(actnorm="after"), (4, 2)),
+    Entry("mlp_block_lipswish", lambda: blocks.InvertibleBlock(
+        blocks.MLPBranch(hidden=(8,), coeff=0.7, activation="lipswish"), actnorm=None,
+        logdet=EXACT, inverse_tol=1e-10, inverse_max_iter=500), (4, 3)),
+    Entry("conv_block", _conv_block, (2, 3, 3, 2)),
+    Entry("conv_block_softplus_circular", lambda: blocks.InvertibleBlock(
+        blocks.ConvBranch(hidden=4, coeff=0.6, activation="softplus", padding="CIRCULAR"),
+        logdet=EXACT, inverse_tol=1e-10, inverse_max_iter=500), (2, 3, 3, 2)),
+    Entry("block_stack", lambda: flow.BlockStack(_conv_block(), n=3), (2, 3, 3, 2)),
+    Entry("block_stack_remat", lambda: flow.BlockStack(_mlp_block(), n=2, remat=True),
+          (3, 3)),
+    Entry("chain", lambda: flow.Chain([layers.ActNorm(), layers.Squeeze(),
+                                       flow.BlockStack(_conv_block(), n=2)]), (2, 4, 2, 1)),
+]
