@@ -213,6 +213,24 @@ class MLPBranch(_Branch):
                 h = act(h) @ kernel + bias
             return h
 
+        def value_and_jacobian(x: Array) -> tuple[Array, Array]:
+            """``(g(x), J)`` with ``J[b, i, j] = d g_i / d x_j``, in one fused pass.
+
+            The primal and the ``d`` tangent streams share each layer's matmul (one
+            ``(B (1 + d), w) @ (w, w')`` product); elementwise derivatives come from one
+            ``jvp`` of the activation, so value and derivative share their transcendentals.
+            """
+            batch, d = x.shape
+            h = x
+            tangents = jnp.broadcast_to(jnp.eye(d, dtype=x.dtype), (batch, d, d))
+            for act, (kernel, bias) in zip(acts, params):
+                h, slope = jax.jvp(act, (h,), (jnp.ones_like(h),))
+                tangents = tangents * slope[:, None, :]
+                both = jnp.concatenate([h[:, None, :], tangents], axis=1) @ kernel
+                h, tangents = both[:, 0] + bias, both[:, 1:]
+            return h, jnp.swapaxes(tangents, 1, 2)
+
+        g.value_and_jacobian = value_and_jacobian
         return g
 
 

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 Array = jax.Array
 
 # Collections whose variables are stacked along the scanned axis.
-_SCANNED = {"params": 0, "spectral": 0, "intermediates": 0, "batch_stats": 0}
+_SCANNED = {"params": 0, "spectral": 0, "intermediates": 0, "batch_stats": 0,
+            "constants": 0}
 _SPLIT = {"params": True, "logdet": True, "dropout": True}
 
 

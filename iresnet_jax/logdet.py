@@ -51,11 +51,17 @@ def jacobian(g: Fn, x: Array) -> tuple[Array, Array]:
 
     Returns ``(g(x), J)`` with ``J`` of shape ``(batch, d, d)``, ``d`` the number of
     elements of one example. Costs ``d`` batched Jacobian-vector products that share one
-    linearization.
+    linearization. If ``g`` carries a fused ``g.value_and_jacobian`` (as the MLP branch
+    does) that is used instead.
     """
     x = jnp.asarray(x)
     if x.ndim < 2:
         raise ValueError(f"x must have a leading batch axis, got shape {x.shape}")
+    fused = getattr(g, "value_and_jacobian", None)
+    if fused is not None and x.ndim == 2:
+        gx, jac = fused(x)
+        _check_same_shape(gx, x)
+        return gx, jac
     gx, jvp_fn = jax.linearize(g, x)
     _check_same_shape(gx, x)
     batch, d = x.shape[0], math.prod(x.shape[1:])

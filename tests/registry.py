@@ -12,6 +12,7 @@ from typing import Callable
 import flax.linen as nn
 
 from iresnet_jax import blocks, flow, layers, logdet
+from iresnet_jax.models import glow, toy
 
 EXACT = logdet.LogDetConfig("exact")
 
@@ -52,4 +53,9 @@ REGISTRY = [
           (3, 3)),
     Entry("chain", lambda: flow.Chain([layers.ActNorm(), layers.Squeeze(),
                                        flow.BlockStack(_conv_block(), n=2)]), (2, 4, 2, 1)),
+    Entry("toy_iresnet", lambda: toy.ToyIResNet(n_blocks=3, hidden=(8, 8), inverse_tol=1e-10,
+                                                inverse_max_iter=500), (4, 2)),
+    Entry("glow_mlp_reverse", lambda: glow.Glow(n_steps=3, hidden=(8,)), (4, 2)),
+    Entry("glow_conv_1x1", lambda: glow.Glow(n_steps=2, hidden=(4,), mixing="1x1"),
+          (2, 2, 2, 4)),
 ]

@@ -1,0 +1,242 @@
+"""Training and evaluation of flows on 2-D toy densities (the README's main job).
+
+``train_and_evaluate(config, workdir)`` trains an i-ResNet (or the Glow baseline) by maximum
+likelihood with Adam, evaluates the test NLL on a held-out sample every
+``config.eval_every`` steps, writes tensorboardX scalars and ``metrics.jsonl``, saves
+Orbax checkpoints (rerunning the same command resumes), and at the end writes
+``<dataset>_<model>.png`` (data, learned density, samples) and ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from iresnet_jax import logdet as logdet_lib
+from iresnet_jax.data import toy2d
+from iresnet_jax.models.glow import Glow
+from iresnet_jax.models.toy import ToyIResNet
+from iresnet_jax.train.checkpoint import Checkpointer
+from iresnet_jax.train.loop import run
+from iresnet_jax.train.metrics import MetricWriter
+from iresnet_jax.train.state import TrainState, check_workdir
+
+MODELS = ("iresnet", "glow")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Fails early, with a clear message, on settings that cannot work."""
+    toy2d.check_name(config.dataset)
+    if config.model not in MODELS:
+        raise ValueError(f"unknown model {config.model!r}; valid: {', '.join(MODELS)}")
+    for name in ("num_steps", "batch_size", "n_blocks", "eval_every", "checkpoint_every",
+                 "n_test", "log_every"):
+        value = config[name]
+        if int(value) != value or value <= 0:
+            raise ValueError(f"config.{name} must be a positive integer, got {value!r}")
+    if not config.learning_rate > 0:
+        raise ValueError(f"config.learning_rate must be positive, got {config.learning_rate}")
+
+
+def make_model(config: ml_collections.ConfigDict):
+    """The flow named by ``config.model``."""
+    if config.model == "glow":
+        return Glow(n_steps=config.n_blocks, hidden=tuple(config.hidden))
+    ld = config.logdet
+    return ToyIResNet(n_blocks=config.n_blocks, hidden=tuple(config.hidden),
+                      coeff=config.coeff, n_power_iter=config.n_power_iter,
+                      activation=config.activation,
+                      logdet=logdet_lib.LogDetConfig(ld.method, n_terms=ld.n_terms,
+                                                     n_samples=ld.n_samples),
+                      inverse_tol=config.inverse_tol, inverse_max_iter=config.inverse_max_iter)
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=config.learning_rate,
+        warmup_steps=min(config.warmup_steps, config.num_steps),
+        decay_steps=config.num_steps, end_value=config.learning_rate * config.final_lr_fraction)
+    return optax.chain(optax.clip_by_global_norm(config.grad_clip), optax.adam(schedule))
+
+
+def batch_for_step(config, step: int) -> np.ndarray:
+    """The training batch of ``step``: a fresh sample, deterministic in (seed, step)."""
+    return toy2d.sample(config.dataset, config.batch_size,
+                        np.random.default_rng([config.seed, 1, step]))
+
+
+def test_set(config) -> np.ndarray:
+    return toy2d.sample(config.dataset, config.n_test, np.random.default_rng([config.seed, 2]))
+
+
+def _rngs(model, key):
+    keys = jax.random.split(key, 2)
+    return {"logdet": keys[0], "sample": keys[1]}
+
+
+def make_steps(model, eval_chunk: int):
+    """Jitted train step and a chunked per-example log-density."""
+
+    def train_step(state: TrainState, x):
+        key = state.step_key()
+
+        def loss_fn(params):
+            variables = {"params": params, **state.model_state}
+            log_p, new_state = model.apply(variables, x, train=True, method="log_prob",
+                                           rngs=_rngs(model, key),
+                                           mutable=list(state.model_state.keys()))
+            return -jnp.mean(log_p), new_state
+
+        (loss, new_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        grad_norm = optax.global_norm(grads)
+        return state.apply_gradients(grads, {**state.model_state, **new_state}), {
+            "loss": loss, "grad_norm": grad_norm}
+
+    @jax.jit
+    def log_prob_chunk(variables, x, key):
+        return model.apply(variables, x, method="log_prob", rngs=_rngs(model, key))
+
+    def log_prob(variables, x: np.ndarray, key) -> np.ndarray:
+        out = []
+        for i in range(0, len(x), eval_chunk):
+            chunk = x[i:i + eval_chunk]
+            n = len(chunk)
+            if n < eval_chunk:  # pad to one compiled shape
+                chunk = np.concatenate([chunk, np.zeros((eval_chunk - n, 2), chunk.dtype)])
+            out.append(np.asarray(log_prob_chunk(variables, jnp.asarray(chunk),
+                                                 jax.random.fold_in(key, i)))[:n])
+        return np.concatenate(out)
+
+    return jax.jit(train_step, donate_argnums=0), log_prob
+
+
+def plot(path: str, config, data: np.ndarray, grid_x: np.ndarray, grid_y: np.ndarray,
+         density: np.ndarray, samples: np.ndarray | None, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lim = config.plot_range
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.2))
+    axes[0].hist2d(data[:, 0], data[:, 1], bins=150, range=[[-lim, lim], [-lim, lim]],
+                   cmap="viridis")
+    axes[0].set_title(f"data ({config.dataset})")
+    axes[1].pcolormesh(grid_x, grid_y, density, cmap="viridis", shading="auto")
+    axes[1].set_title("model density")
+    if samples is not None:
+        axes[2].hist2d(samples[:, 0], samples[:, 1], bins=150,
+                       range=[[-lim, lim], [-lim, lim]], cmap="viridis")
+        axes[2].set_title("model samples (inverse)")
+    for ax in axes:
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       print_fn=print) -> dict[str, Any]:
+    """Trains the configured flow on a toy density and writes figure and metrics.
+
+    Returns the dictionary written to ``<workdir>/metrics.json``.
+    """
+    validate_config(config)
+    check_workdir(workdir)
+    t_start = time.time()
+    model = make_model(config)
+    x_test = test_set(config)
+    x0 = jnp.asarray(batch_for_step(config, 0))
+    key = jax.random.PRNGKey(config.seed)
+    init_key, run_key = jax.random.split(key)
+    variables = jax.jit(model.init)(init_key, x0)
+    params = variables["params"]
+    model_state = {k: v for k, v in variables.items() if k != "params"}
+    n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+    tx = make_optimizer(config)
+    state = TrainState.create(params=params, model_state=model_state, tx=tx, rng=run_key)
+    train_step, log_prob = make_steps(model, config.eval_chunk)
+    eval_key = jax.random.PRNGKey(config.seed + 7)
+
+    def eval_fn(state):
+        lp = log_prob(state.variables(), x_test, eval_key)
+        return {"test_nll": float(-np.mean(lp))}
+
+    checkpointer = Checkpointer(workdir)
+    writer = MetricWriter(workdir)
+    true_nll = toy2d.true_nll(config.dataset)
+    print_fn(f"{config.model} on {config.dataset}: {n_params} parameters, "
+             f"{config.num_steps} steps of batch {config.batch_size}"
+             + (f"; true test NLL {true_nll:.4f} nats" if true_nll is not None else ""))
+    state, summary = run(state=state, train_step=train_step,
+                         batch_fn=lambda step: jnp.asarray(batch_for_step(config, step)),
+                         num_steps=config.num_steps, checkpointer=checkpointer,
+                         writer=writer, log_every=config.log_every,
+                         checkpoint_every=config.checkpoint_every,
+                         eval_every=config.eval_every, eval_fn=eval_fn, print_fn=print_fn)
+    checkpointer.close()
+    train_seconds = time.time() - t_start
+
+    # Figure: data, density on a grid, samples through the inverse.
+    lim = config.plot_range
+    g = np.linspace(-lim, lim, config.grid_size, dtype=np.float32)
+    gx, gy = np.meshgrid(g, g)
+    grid = np.stack([gx.ravel(), gy.ravel()], axis=1)
+    density = np.exp(log_prob(state.variables(), grid, eval_key)).reshape(gx.shape)
+    samples = None
+    if config.n_plot_samples:
+        sample_fn = jax.jit(lambda v, k: model.apply(v, config.n_plot_samples,
+                                                     method="sample",
+                                                     rngs={"sample": k}))
+        samples = np.asarray(sample_fn(state.variables(), jax.random.PRNGKey(config.seed + 9)))
+    data = toy2d.sample(config.dataset, 50_000, np.random.default_rng([config.seed, 3]))
+    test_nll = summary["eval"].get("test_nll", float("nan"))
+    title = (f"{config.model}, {config.n_blocks} blocks, {int(state.step)} steps: "
+             f"test NLL {test_nll:.3f} nats"
+             + (f" (true {true_nll:.3f})" if true_nll is not None else ""))
+    figure = os.path.join(workdir, f"{config.dataset}_{config.model}.png")
+    plot(figure, config, data, gx, gy, density, samples, title)
+
+    steps_run = summary["steps_this_run"]
+    metrics = {
+        "dataset": config.dataset, "model": config.model, "n_blocks": config.n_blocks,
+        "hidden": list(config.hidden), "parameters": n_params,
+        "logdet": config.logdet.method if config.model == "iresnet" else "coupling",
+        "test_nll": test_nll, "true_nll": true_nll,
+        "gap_nats": (test_nll - true_nll) if true_nll is not None else None,
+        "steps": int(state.step), "steps_this_run": steps_run,
+        "train_seconds_this_run": summary["seconds_this_run"],
+        "steps_per_sec": steps_run / summary["seconds_this_run"] if steps_run else None,
+        "total_seconds_this_run": time.time() - t_start,
+        "seconds_to_end_of_training": train_seconds, "figure": os.path.basename(figure),
+    }
+    if samples is not None and true_nll is not None and toy2d.has_log_density(config.dataset):
+        inside = np.isfinite(toy2d.log_density(config.dataset, samples))
+        metrics["sample_fraction_in_support"] = float(np.mean(inside))
+    tmp = os.path.join(workdir, "metrics.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(metrics, f, indent=1)
+    os.replace(tmp, os.path.join(workdir, "metrics.json"))
+    writer.close()
+    print_fn(f"test NLL {test_nll:.4f} nats"
+             + (f" (true {true_nll:.4f}, gap {test_nll - true_nll:+.4f})" if true_nll else "")
+             + f"; {int(state.step)} steps; {metrics['total_seconds_this_run']:.0f} s; "
+             f"figure {figure}")
+    logging.info("metrics: %s", metrics)
+    return metrics
+
