@@ -73,21 +73,38 @@ class _Branch(nn.Module):
             lipschitz.check_coeff(self.coeff)
         layers.activation_fn(self.activation)
 
-    def _activations(self, widths: Sequence[int], dtype) -> list[Callable[[Array], Array]]:
+    def _activation_params(self, widths: Sequence[int], dtype) -> list[Array | None]:
+        """Per linear layer: the LipSwish ``beta`` of the activation before it (``None`` for
+        parameter-free activations)."""
+        params = []
+        for i, width in enumerate(widths):
+            if self.activation == "lipswish" and (i > 0 or self.leading_activation):
+                raw = self.param(f"lipswish_beta_{i}", nn.initializers.constant(0.5),
+                                 (width,), dtype)
+                params.append(jax.nn.softplus(raw))
+            else:
+                params.append(None)
+        return params
+
+    def _activations(self, act_params: Sequence[Array | None]
+                     ) -> list[Callable[[Array], Array]]:
         """One activation per linear layer input (identity where none is applied)."""
         act = layers.activation_fn(self.activation)
         fns = []
-        for i, width in enumerate(widths):
+        for i, beta in enumerate(act_params):
             if i == 0 and not self.leading_activation:
                 fns.append(lambda h: h)
-            elif self.activation == "lipswish":
-                raw = self.param(f"lipswish_beta_{i}", nn.initializers.constant(0.5),
-                                 (width,), dtype)
-                beta = jax.nn.softplus(raw)
+            elif beta is not None:
                 fns.append(lambda h, beta=beta: act(h, beta))
             else:
                 fns.append(act)
         return fns
+
+    def function(self, x: Array | jax.ShapeDtypeStruct, *, train: bool = False
+                 ) -> Callable[[Array], Array]:
+        """Runs spectral normalization and returns the pure function ``g`` for inputs
+        shaped like ``x`` (an array or ``jax.ShapeDtypeStruct``)."""
+        return self.build(self.parts(x, train=train))
 
     def _kernel_init(self, last: bool):
         return nn.initializers.zeros if (last and self.zero_init_last) else utils.lecun_normal
@@ -98,6 +115,10 @@ class _Branch(nn.Module):
     def effective_weights(self, x: Array | jax.ShapeDtypeStruct) -> list[tuple[Array, Array]]:
         """The normalized ``(kernel, bias)`` of every layer at evaluation (no update)."""
         return self.parts(x, train=False)[0]
+
+    def build(self, parts) -> Callable[[Array], Array]:
+        """The pure function ``g`` from the arrays returned by ``parts``."""
+        raise NotImplementedError
 
 
 class ConvBranch(_Branch):
@@ -128,8 +149,9 @@ class ConvBranch(_Branch):
     @nn.compact
     def parts(self, x: Array | jax.ShapeDtypeStruct, *, train: bool = False):
         """Runs spectral normalization for inputs shaped like ``x`` (an array or
-        ``jax.ShapeDtypeStruct``) and returns ``(weights, activations)``: the effective
-        ``(kernel, bias)`` of every conv and the activation applied before each."""
+        ``jax.ShapeDtypeStruct``) and returns arrays only: ``(weights, act_params)``, the
+        effective ``(kernel, bias)`` of every conv and the parameters of the activation
+        applied before each (``None`` where it has none)."""
         self._check()
         input_shape = x.shape
         if len(input_shape) != 4:
@@ -151,13 +173,12 @@ class ConvBranch(_Branch):
                     init_power_iter=self.init_power_iter, kernel_init=init,
                     padding=self.padding, name=f"conv{i}")
             params.append(layer.weights(like, train=train))
-        return params, self._activations(widths, x.dtype)
+        return params, self._activation_params(widths, x.dtype)
 
-    def function(self, x: Array | jax.ShapeDtypeStruct, *, train: bool = False
-                 ) -> Callable[[Array], Array]:
-        """Runs spectral normalization and returns the pure function ``g`` for inputs
-        shaped like ``x`` (an array or ``jax.ShapeDtypeStruct``)."""
-        params, acts = self.parts(x, train=train)
+    def build(self, parts) -> Callable[[Array], Array]:
+        """The pure function ``g`` from the arrays returned by ``parts``."""
+        params, act_params = parts
+        acts = self._activations(act_params)
         padding = self.padding
 
         def g(x: Array) -> Array:
@@ -179,7 +200,7 @@ class MLPBranch(_Branch):
 
     @nn.compact
     def parts(self, x: Array | jax.ShapeDtypeStruct, *, train: bool = False):
-        """Spectral normalization for inputs like ``x``: ``(weights, activations)``."""
+        """Spectral normalization for inputs like ``x``: ``(weights, act_params)`` arrays."""
         self._check()
         input_shape = x.shape
         if len(input_shape) != 2:
@@ -199,13 +220,12 @@ class MLPBranch(_Branch):
                     init_power_iter=self.init_power_iter, kernel_init=init, name=f"dense{i}")
             like = jax.ShapeDtypeStruct((input_shape[0], w_in), x.dtype)
             params.append(layer.weights(like, train=train))
-        return params, self._activations(widths, x.dtype)
+        return params, self._activation_params(widths, x.dtype)
 
-    def function(self, x: Array | jax.ShapeDtypeStruct, *, train: bool = False
-                 ) -> Callable[[Array], Array]:
-        """Runs spectral normalization and returns the pure function ``g`` for inputs
-        shaped like ``x``."""
-        params, acts = self.parts(x, train=train)
+    def build(self, parts) -> Callable[[Array], Array]:
+        """The pure function ``g`` from the arrays returned by ``parts``."""
+        params, act_params = parts
+        acts = self._activations(act_params)
 
         def g(x: Array) -> Array:
             h = x
@@ -222,13 +242,15 @@ class MLPBranch(_Branch):
             """
             batch, d = x.shape
             h = x
-            tangents = jnp.broadcast_to(jnp.eye(d, dtype=x.dtype), (batch, d, d))
+            # tangents[i] = d h / d x_i, stream-major so that streams concatenate cheaply.
+            tangents = jnp.broadcast_to(jnp.eye(d, dtype=x.dtype)[:, None, :], (d, batch, d))
             for act, (kernel, bias) in zip(acts, params):
                 h, slope = jax.jvp(act, (h,), (jnp.ones_like(h),))
-                tangents = tangents * slope[:, None, :]
-                both = jnp.concatenate([h[:, None, :], tangents], axis=1) @ kernel
-                h, tangents = both[:, 0] + bias, both[:, 1:]
-            return h, jnp.swapaxes(tangents, 1, 2)
+                streams = jnp.concatenate([h[None], tangents * slope[None]], axis=0)
+                streams = (streams.reshape((1 + d) * batch, -1) @ kernel).reshape(
+                    1 + d, batch, -1)
+                h, tangents = streams[0] + bias, streams[1:]
+            return h, jnp.transpose(tangents, (1, 2, 0))
 
         g.value_and_jacobian = value_and_jacobian
         return g
@@ -283,11 +305,22 @@ class InvertibleBlock(nn.Module):
                 "LogDetConfig(method='exact'/'none'))")
         return self.make_rng("logdet")
 
-    def __call__(self, x: Array, *, train: bool = False) -> tuple[Array, Array]:
+    def prepare(self, x: Array | jax.ShapeDtypeStruct, *, train: bool = False):
+        """The branch's normalized weights for inputs like ``x`` (arrays only).
+
+        Depends on ``x`` only through its shape, so a stack of blocks can prepare all its
+        blocks at once (``flow.BlockStack``) and pass them back as ``prepared``.
+        """
+        return self.branch.parts(x, train=train)
+
+    def __call__(self, x: Array, *, train: bool = False, prepared=None
+                 ) -> tuple[Array, Array]:
         log_det = jnp.zeros(x.shape[:1], x.dtype)
         if self.actnorm == "before":
             x, log_det = self.norm(x)
-        g = self.branch.function(x, train=train)
+        if prepared is None:
+            prepared = self.prepare(x, train=train)
+        g = self.branch.build(prepared)
         gx, ld_branch = self.logdet(g, x, self._logdet_key())
         y = x + gx
         log_det = log_det + ld_branch
@@ -296,10 +329,12 @@ class InvertibleBlock(nn.Module):
             log_det = log_det + ld_norm
         return y, log_det
 
-    def inverse(self, y: Array) -> Array:
+    def inverse(self, y: Array, *, prepared=None) -> Array:
         if self.actnorm == "after":
             y = self.norm.inverse(y)
-        g = self.branch.function(y, train=False)
+        if prepared is None:
+            prepared = self.prepare(y, train=False)
+        g = self.branch.build(prepared)
         x, info = inverse_lib.fixed_point(g, y, tol=self.inverse_tol,
                                           max_iter=self.inverse_max_iter,
                                           method=self.inverse_method)

@@ -56,8 +56,14 @@ def check_coeff(coeff: float) -> float:
     return c
 
 
+def _safe_norm(v: Array) -> Array:
+    """Euclidean norm with a zero (not NaN) gradient at ``v = 0`` (zero-initialized layers)."""
+    sq = jnp.sum(v * v)
+    return jnp.sqrt(jnp.maximum(sq, _EPS * _EPS))
+
+
 def _normalize(v: Array) -> Array:
-    return v / jnp.maximum(jnp.linalg.norm(v.ravel()), _EPS)
+    return v / _safe_norm(v)
 
 
 def soft_normalize(weight: Array, sigma: Array, coeff: float) -> Array:
@@ -100,7 +106,7 @@ def operator_norm(op: Callable[[Array], Array], u: Array, n_iter: int,
             u = step(u)
     else:
         u = lax.fori_loop(0, n_iter, lambda _, u: step(u), u)
-    sigma = jnp.linalg.norm(op(u).ravel())
+    sigma = _safe_norm(op(u))
     return sigma, u
 
 

@@ -63,3 +63,23 @@ def test_jit_matches_eager(entry):
     inv_eager = model.apply(variables, y_eager, method="inverse")
     inv_jit = jax.jit(lambda v, y: model.apply(v, y, method="inverse"))(variables, y_eager)
     np.testing.assert_allclose(inv_jit, inv_eager, rtol=1e-5, atol=1e-5)
+
+
+def test_block_stack_training_updates_every_blocks_spectral_state():
+    from iresnet_jax import blocks, flow, logdet
+    block = blocks.InvertibleBlock(blocks.ConvBranch(hidden=4, coeff=0.9, n_power_iter=2,
+                                                     init_power_iter=0),
+                                   logdet=logdet.LogDetConfig("none"))
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 2))
+    for hoist in (True, False):
+        model = flow.BlockStack(block, n=3, hoist=hoist)
+        variables = jax.jit(model.init)(jax.random.key(1), x)
+        _, state = model.apply(variables, x, train=True, mutable=["spectral"])
+        u_old = variables["spectral"]["block"]["branch"]["conv1"]["u"]
+        u_new = state["spectral"]["block"]["branch"]["conv1"]["u"]
+        assert u_new.shape == u_old.shape == (3, 1, 4, 4, 4)
+        changed = np.abs(np.asarray(u_new - u_old)).reshape(3, -1).max(axis=1)
+        assert np.all(changed > 1e-4)                      # every block iterated
+        _, state_eval = model.apply(variables, x, mutable=["spectral"])
+        np.testing.assert_array_equal(state_eval["spectral"]["block"]["branch"]["conv1"]["u"],
+                                      u_old)

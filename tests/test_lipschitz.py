@@ -157,3 +157,18 @@ def test_conv_singular_values_rejects_bad_kernels():
         lipschitz.conv_singular_values(jnp.ones((3, 3, 2)), (5, 5))
     with pytest.raises(ValueError, match="larger"):
         lipschitz.conv_singular_values(jnp.ones((5, 5, 1, 1)), (3, 3))
+
+
+def test_zero_initialized_layer_has_finite_gradients():
+    conv = lipschitz.SpectralConv(3, (3, 3), kernel_init=jax.nn.initializers.zeros)
+    x = jax.random.normal(jax.random.key(10), (2, 5, 5, 2))
+    variables = jax.jit(conv.init)(jax.random.key(11), x)
+
+    def loss(params):
+        y, _ = conv.apply({**variables, "params": params}, x, train=True,
+                          mutable=["spectral"])
+        return jnp.sum(y * x[..., :1])
+
+    grads = jax.grad(loss)(variables["params"])
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+    assert float(jnp.abs(grads["kernel"]).max()) > 0

@@ -20,6 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.coeff = 0.9
     c.n_power_iter = 1
     c.activation = "elu"
+    c.zero_init_last = False
     c.logdet = ml_collections.ConfigDict({"method": "exact", "n_terms": 10, "n_samples": 1})
     c.inverse_tol = 1e-5
     c.inverse_max_iter = 200

@@ -43,9 +43,14 @@ class ToyIResNet(nn.Module, DensityFlowMixin):
       n_power_iter: power iterations per training step.
       activation: "elu" (paper), "softplus" or "lipswish".
       actnorm: ActNorm after each block.
+      zero_init_last: start each branch's last layer at zero (the flow starts as ActNorms).
       logdet: log-det method (paper: exact for 2-D).
       inverse_tol, inverse_max_iter: fixed-point settings for sampling/inversion.
-      remat: rematerialize blocks in the backward pass.
+      remat: rematerialize blocks in the backward pass. On by default: with it the loop
+        stores only each block's input, and for these small blocks that is about 3x
+        faster on XLA:CPU than stacking dozens of small residual arrays per block.
+      unroll: blocks per compiled loop iteration (see ``flow.BlockStack``).
+      hoist: normalize all blocks' weights before the loop (see ``flow.BlockStack``).
 
     Example:
       >>> model = ToyIResNet(n_blocks=4)
@@ -59,19 +64,24 @@ class ToyIResNet(nn.Module, DensityFlowMixin):
     n_power_iter: int = 1
     activation: str = "elu"
     actnorm: bool = True
+    zero_init_last: bool = False
     logdet: logdet_lib.LogDetConfig = logdet_lib.LogDetConfig("exact")
     inverse_tol: float = 1e-6
     inverse_max_iter: int = 200
-    remat: bool = False
+    remat: bool = True
+    unroll: int = 1
+    hoist: bool = True
 
     def setup(self):
         branch = blocks.MLPBranch(hidden=tuple(self.hidden), coeff=self.coeff,
                                   n_power_iter=self.n_power_iter, activation=self.activation,
-                                  leading_activation=False)
+                                  leading_activation=False,
+                                  zero_init_last=self.zero_init_last)
         block = blocks.InvertibleBlock(branch, actnorm="after" if self.actnorm else None,
                                        logdet=self.logdet, inverse_tol=self.inverse_tol,
                                        inverse_max_iter=self.inverse_max_iter)
-        self.blocks = flow.BlockStack(block, n=self.n_blocks, remat=self.remat)
+        self.blocks = flow.BlockStack(block, n=self.n_blocks, remat=self.remat,
+                                      unroll=self.unroll, hoist=self.hoist)
 
     def __call__(self, x: Array, *, train: bool = False) -> tuple[Array, Array]:
         if x.ndim != 2:

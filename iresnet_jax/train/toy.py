@@ -55,6 +55,8 @@ def make_model(config: ml_collections.ConfigDict):
     return ToyIResNet(n_blocks=config.n_blocks, hidden=tuple(config.hidden),
                       coeff=config.coeff, n_power_iter=config.n_power_iter,
                       activation=config.activation,
+                      zero_init_last=config.get("zero_init_last", False),
+                      remat=config.get("remat", True),
                       logdet=logdet_lib.LogDetConfig(ld.method, n_terms=ld.n_terms,
                                                      n_samples=ld.n_samples),
                       inverse_tol=config.inverse_tol, inverse_max_iter=config.inverse_max_iter)
