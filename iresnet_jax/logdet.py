@@ -159,14 +159,19 @@ def _check_gradient(gradient: str):
 
 def _series_chain(apply: Fn, v: Array, weights: Array | None, n_terms: int, n_always: int,
                   n_lead: int, want_neumann: bool) -> tuple[Array, Array | None]:
-    """The shared loop of Algorithm 2 (unrolled in Python).
+    """The shared loop of Algorithm 2.
 
     With ``w_0 = v`` and ``w_k = apply(w_{k-1})`` (``v^T J^k`` or ``J^k v``), returns the
     per-example sums ``sum_k (-1)^{k+1} m_k / k * <w_k, v>`` (shape ``v.shape[:n_lead]``:
     ``(batch,)`` or ``(samples, batch)``) and, when ``want_neumann``, the Neumann vector
     ``u = sum_k (-1)^{k+1} m_k w_{k-1}``. ``m_k`` is ``weights[k-1]`` (1 when ``weights`` is
-    None). Terms past ``n_always`` run under ``lax.cond`` on ``m_k != 0``: the roulette
-    weights vanish on a suffix, so the skipped products are not computed.
+    None).
+
+    The first ``n_always`` terms are unrolled in Python (on XLA:CPU much faster than a
+    loop over conv vjps). The remaining ones (the roulette's random terms, whose weights
+    vanish on a suffix) run in a ``lax.scan`` whose body computes the product under
+    ``lax.cond`` on ``m_k != 0``: skipped terms cost nothing, and the loop body compiles
+    once (unrolling 18 conds of a conv vjp took 3x longer to compile, at the same speed).
 
     Each term is reduced to per-example numbers as it is produced: an elementwise
     accumulator would let XLA fuse the sum over all terms into one fusion at the end and
@@ -176,16 +181,35 @@ def _series_chain(apply: Fn, v: Array, weights: Array | None, n_terms: int, n_al
     w = v
     acc = jnp.zeros(v.shape[:n_lead], v.dtype)
     u = jnp.zeros_like(v) if want_neumann else None
-    for k in range(1, n_terms + 1):
-        sign = 1.0 if k % 2 else -1.0
-        m_k = 1.0 if weights is None else weights[k - 1]
+
+    def term(w, acc, u, m_k, sign_over_k, sign, compute):
         if want_neumann:
             u = u + (sign * m_k) * w
-        if k <= n_always:
-            w = apply(w)
-        else:
-            w = lax.cond(m_k != 0, apply, jnp.zeros_like, w)
-        acc = acc + (sign * m_k / k) * reduce(w * v)
+        w = compute(w)
+        acc = acc + (sign_over_k * m_k) * reduce(w * v)
+        return w, acc, u
+
+    for k in range(1, min(n_always, n_terms) + 1):
+        sign = 1.0 if k % 2 else -1.0
+        m_k = 1.0 if weights is None else weights[k - 1]
+        w, acc, u = term(w, acc, u, m_k, sign / k, sign, apply)
+    if n_terms > n_always:
+        ks = np.arange(n_always + 1, n_terms + 1)
+        signs = np.where(ks % 2 == 1, 1.0, -1.0)
+        maybe_apply = lambda w, m_k: lax.cond(m_k != 0, apply, jnp.zeros_like, w)
+
+        def body(carry, inputs):
+            w, acc, u = carry
+            m_k, sign_over_k, sign = inputs
+            w, acc, u = term(w, acc, u, m_k, sign_over_k, sign,
+                             lambda w: maybe_apply(w, m_k))
+            return (w, acc, u), None
+
+        u_carry = u if want_neumann else jnp.zeros((), v.dtype)
+        inputs = (weights[n_always:], jnp.asarray(signs / ks, v.dtype),
+                  jnp.asarray(signs, v.dtype))
+        (w, acc, u_carry), _ = lax.scan(body, (w, acc, u_carry), inputs)
+        u = u_carry if want_neumann else None
     return acc, u
 
 
