@@ -64,10 +64,6 @@ def _check_same_shape(gx: Array, x: Array, what: str = "g"):
                          f"-> {gx.shape}")
 
 
-def _batch_sum(a: Array) -> Array:
-    return jnp.sum(a.reshape(a.shape[0], -1), axis=-1)
-
-
 def jacobian(g: Fn, x: Array) -> tuple[Array, Array]:
     """Dense per-example Jacobian of ``g`` at ``x``, with ``g(x)``.
 
