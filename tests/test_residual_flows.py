@@ -178,7 +178,7 @@ def test_neumann_gradient_mean_equals_exact_gradient(x64, kind, method, kw):
         return jnp.sum(weights * logdet.exact(g, x))
 
     target = jax.grad(exact_loss, argnums=(0, 1))(variables["params"], x)
-    keys = jax.random.split(jax.random.key(9), 3000)
+    keys = jax.random.split(jax.random.key(9), 3000 if kind == "mlp" else 1500)
     samples = _grad_samples(branch, variables, x, keys, weights, method=method, **kw)
     assert max(float(jnp.max(jnp.abs(t))) for t in jax.tree.leaves(target)) > 0.1
     for sample, exact in zip(jax.tree.leaves(samples), jax.tree.leaves(target)):
@@ -206,8 +206,8 @@ def test_neumann_gradient_targets_the_truncated_series(x64):
 
 
 def test_neumann_forward_value_is_the_series_estimate(x64):
-    x = _input("conv")
-    branch, variables = _branch("conv", 0.9, x)
+    x = _input("mlp")
+    branch, variables = _branch("mlp", 0.9, x)
     g = branch.apply(variables, x, method="function")
     key = jax.random.key(11)
     for fn, kw in ((logdet.power_series, dict(n_terms=6)),
@@ -276,15 +276,15 @@ def test_neumann_memory_does_not_grow_with_the_number_of_terms():
             pytest.skip("this backend has no memory analysis")
         return mem.temp_size_in_bytes
 
-    auto = [temp_bytes(n, "autodiff") for n in (2, 16)]
-    neumann = [temp_bytes(n, "neumann") for n in (2, 16)]
+    auto = [temp_bytes(n, "autodiff") for n in (2, 8)]
+    neumann = [temp_bytes(n, "neumann") for n in (2, 8)]
     input_bytes, hidden_bytes = 256 * 16 * 4, 256 * 64 * 4
     # Differentiating through the series keeps activations for every term ...
-    assert auto[1] - auto[0] >= 14 * 2 * hidden_bytes
+    assert auto[1] - auto[0] >= 6 * 2 * hidden_bytes
     # ... the Neumann gradient at most one input-sized buffer per term (XLA:CPU fuses the
     # sum forming the Neumann vector, keeping the w_k until it is formed).
-    assert neumann[1] - neumann[0] <= 14 * input_bytes
-    assert neumann[1] < auto[1] / 3
+    assert neumann[1] - neumann[0] <= 6 * input_bytes
+    assert neumann[1] < auto[1] / 2
 
 
 # --------------------------------------------------------------------------------------
