@@ -9,12 +9,16 @@ residual ``|x + g(x) - y|`` of the returned point). Non-convergence is never sil
 
 Gradients use the implicit function theorem rather than differentiating the loop. From
 ``x + g(x, theta) = y``: ``dx = (I + J_g)^{-1} (dy - d_theta g dtheta)``. The backward pass
-solves ``u = xbar - J_g^T u`` (again a contraction) and returns ``ybar = u`` and
-``thetabar = -(d_theta g)^T u``. ``g`` may close over parameters: they are hoisted with
-``jax.closure_convert`` so their gradients flow too.
+solves ``u = xbar - J_g^T u`` (again a contraction, by the same method as the forward
+pass) and returns ``ybar = u`` and ``thetabar = -(d_theta g)^T u``. ``g`` may close over
+parameters: they are hoisted with ``jax.closure_convert`` so their gradients flow too.
 
-``method="anderson"`` uses Anderson acceleration (type II, with a safeguarded fall-back to
-the plain step); see ``anderson_step``.
+``method="anderson"`` uses safeguarded Anderson acceleration (type II, memory 5, one
+evaluation of ``g`` per iteration; see ``_anderson_solve`` for the convergence argument).
+On a 14x14x4 conv branch with weights that make the plain iteration slow, it reached 1e-6
+in 10 evaluations where the plain iteration needed 52 (c = 0.99); where the plain
+iteration already converges in a few steps it needs about as many
+(``python -m benchmarks.inverse``).
 """
 
 from __future__ import annotations
@@ -35,8 +39,10 @@ class FixedPointInfo(NamedTuple):
     """Per-example diagnostics of ``fixed_point``.
 
     Attributes:
-      iterations: iterations run until the example converged (or ``max_iter``).
-      residual: max-abs size of the last step ``|x^{k} - x^{k-1}|_inf``; the residual
+      iterations: iterations run until the example converged (or ``max_iter``); both
+        methods evaluate ``g`` once per iteration, so this is also the cost.
+      residual: max-abs size of the last step ``|x^{k} - x^{k-1}|_inf`` (for Anderson:
+        ``|f(z) - z|_inf`` at the point ``z`` whose image ``f(z)`` is returned); the residual
         ``|x + g(x) - y|`` of the returned ``x`` is at most ``Lip(g)`` times this (in the
         2-norm) and its error at most ``Lip(g) / (1 - Lip(g))`` times it.
       converged: ``residual <= tol``.
@@ -82,85 +88,138 @@ def _plain_solve(g, y, tol, max_iter):
     return x, FixedPointInfo(iters, res, done)
 
 
-def anderson_step(xs: Array, fs: Array, n_hist: Array, reg: float) -> Array:
+def anderson_step(xs: Array, fs: Array, n_hist: Array | int, reg: float) -> Array:
     """One Anderson (type II) extrapolation per example.
 
     Args:
-      xs, fs: ring buffers ``(batch, m, d)`` of past iterates ``x_i`` and their images
-        ``f(x_i) = y - g(x_i)``; only the first ``n_hist`` (per batch, a scalar) are used.
-      n_hist: how many entries are valid.
-      reg: Tikhonov regularization of the least-squares problem.
+      xs, fs: buffers ``(batch, m, d)`` of past iterates ``x_i`` and their images
+        ``f(x_i) = y - g(x_i)``; only the first ``n_hist`` entries are used.
+      n_hist: how many entries are valid: a scalar or one count per example.
+      reg: Tikhonov regularization of the least-squares problem, relative to the largest
+        entry of the Gram matrix.
 
     Returns:
       ``sum_i alpha_i f(x_i)`` with ``alpha`` minimizing ``|sum_i alpha_i (f(x_i) - x_i)|``
-      subject to ``sum_i alpha_i = 1``.
+      subject to ``sum_i alpha_i = 1`` (Walker & Ni, 2011, Eq. 1.2 with mixing 1).
     """
     m = xs.shape[1]
-    valid = jnp.arange(m) < n_hist
+    n_hist = jnp.asarray(n_hist)
+    valid = jnp.arange(m) < (n_hist[:, None] if n_hist.ndim else n_hist)   # (b, m) or (m,)
+    valid = jnp.broadcast_to(valid, xs.shape[:2])
     r = fs - xs                                                    # residuals (b, m, d)
-    gram = jnp.einsum("bid,bjd->bij", r, r)
-    scale = jnp.maximum(jnp.max(jnp.abs(gram), axis=(1, 2), keepdims=True), 1e-30)
-    gram = gram / scale
-    vv = valid[:, None] & valid[None, :]
+    gram = jnp.einsum("bid,bjd->bij", r, r, precision=lax.Precision.HIGHEST)
+    # alpha is proportional to gram^{-1} 1. Jacobi scaling (unit diagonal) makes the
+    # regularization relative to every residual's own size: the newest residuals are
+    # orders of magnitude smaller than the oldest.
+    diag = jnp.diagonal(gram, axis1=1, axis2=2)
+    scale = jnp.where(valid, lax.rsqrt(jnp.maximum(diag, jnp.finfo(xs.dtype).tiny)), 0.0)
+    gram = gram * scale[:, :, None] * scale[:, None, :]
+    vv = valid[:, :, None] & valid[:, None, :]
     eye = jnp.eye(m, dtype=xs.dtype)
     gram = jnp.where(vv, gram, eye) + reg * eye
-    ones = valid.astype(xs.dtype)
-    sol = jnp.linalg.solve(gram, jnp.broadcast_to(ones, (xs.shape[0], m))[..., None])[..., 0]
+    sol = jnp.linalg.solve(gram, scale[..., None])[..., 0] * scale
     sol = jnp.where(valid, sol, 0.0)
     alpha = sol / jnp.sum(sol, axis=1, keepdims=True)
-    return jnp.einsum("bi,bid->bd", alpha, fs)
+    return jnp.einsum("bi,bid->bd", alpha, fs, precision=lax.Precision.HIGHEST)
 
 
-def _anderson_solve(g, y, tol, max_iter, memory=5, reg=1e-8):
-    """Anderson-accelerated fixed point with a safeguard.
+# Safeguard of the Anderson iteration: an extrapolated point is accepted only if its
+# fixed-point residual (2-norm) is at most this fraction of the current point's.
+ANDERSON_DECREASE = 0.9
 
-    Each step proposes the Anderson extrapolation; it is accepted when its fixed-point
-    residual does not exceed the plain step's (both measured by one more evaluation of
-    ``g``), otherwise the plain iterate is kept, so the residual of every accepted point
-    is at most that of the plain iteration from the same point. Convergence of the plain
-    contraction therefore carries over.
+
+def _norm2(a: Array) -> Array:
+    return jnp.sqrt(jnp.sum(jnp.square(a.reshape(a.shape[0], -1)), axis=-1))
+
+
+def _anderson_solve(g, y, tol, max_iter, memory=5, reg=None):
+    """Safeguarded Anderson acceleration, one evaluation of ``g`` per iteration.
+
+    Per example, the state is an accepted point ``x`` with its image ``f(x) = y - g(x)``
+    and 2-norm residual ``r(x) = |f(x) - x|``, and a history of up to ``memory`` accepted
+    pairs ``(x_i, f(x_i))``. Each iteration evaluates ``f`` at one candidate ``z``:
+
+    * normally the Anderson extrapolation of the history (``anderson_step``); it is
+      accepted if ``r(z) <= ANDERSON_DECREASE * r(x)``; otherwise it is rejected, the
+      history restarts from ``x`` and the next candidate is the plain step;
+    * after a rejection (or with fewer than two points) the plain step ``z = f(x)``,
+      always accepted.
+
+    Convergence for any contraction with ``Lip(g) = L < 1``, whatever the extrapolations
+    do: a plain step gives ``r(f(x)) = |f(f(x)) - f(x)| <= L r(x)``, an accepted
+    extrapolation ``r(z) <= 0.9 r(x)``, and a rejection (no progress) is always followed by
+    a plain step; so after ``E`` evaluations ``r <= max(L, 0.9)^{floor(E/2)} r(y)``. Where
+    the extrapolations are accepted, each costs one evaluation; near the fixed point of a
+    smooth contraction Anderson converges r-linearly at least as fast as the plain
+    iteration (Toth & Kelley, 2015), and for linear maps with ``m`` past residuals it is
+    equivalent to GMRES (Walker & Ni, 2011).
+
+    An example stops once an evaluated point has ``max|f(z) - z| <= tol``; ``f(z)`` is
+    returned and ``iterations`` counts evaluations of ``g``, as for the plain iteration.
     """
     batch = y.shape[0]
     shape = y.shape
+    dtype = y.dtype
+    if reg is None:
+        reg = 100.0 * float(jnp.finfo(dtype).eps)
     flat = lambda a: a.reshape(batch, -1)
     f = lambda x: y - g(x)
-    d = flat(y).shape[1]
     m = memory
+    b = lambda mask, a: _bcast(mask, a)
+
+    def push(xs, fs, slot, x_new, f_new, write):
+        onehot = (jnp.arange(m) == slot[:, None]) & write[:, None]         # (b, m)
+        xs = jnp.where(onehot[..., None], flat(x_new)[:, None, :], xs)
+        fs = jnp.where(onehot[..., None], flat(f_new)[:, None, :], fs)
+        return xs, fs
 
     def cond(state):
-        k, *_rest, done, _, _ = state
+        k, done = state[0], state[9]
         return jnp.logical_and(k < max_iter, jnp.logical_not(jnp.all(done)))
 
     def body(state):
-        k, x, fx, xs, fs, done, iters, res = state
-        slot = k % m
-        xs = xs.at[:, slot].set(flat(x))
-        fs = fs.at[:, slot].set(flat(fx))
-        n_hist = jnp.minimum(k + 1, m)
-        x_acc = anderson_step(xs, fs, n_hist, reg).reshape(shape)
-        x_plain = fx
-        f_acc = f(x_acc)
-        f_plain = f(x_plain)
-        r_acc = _max_abs(f_acc - x_acc)
-        r_plain = _max_abs(f_plain - x_plain)
-        take_acc = jnp.logical_and(jnp.isfinite(r_acc), r_acc <= r_plain)
-        x_new = jnp.where(_bcast(take_acc, x), x_acc, x_plain)
-        f_new = jnp.where(_bcast(take_acc, x), f_acc, f_plain)
-        step = jnp.minimum(jnp.where(take_acc, r_acc, r_plain), r_plain)
+        k, x, fx, r2, xs, fs, count, plain_next, out, done, iters, res = state
+        use_plain = jnp.logical_or(plain_next, count < 2)
+        z_acc = anderson_step(xs, fs, jnp.minimum(count, m), reg).reshape(shape)
+        z = jnp.where(b(use_plain, x), fx, z_acc)
+        fz = f(z)
+        step = fz - z
+        rz2, rz_inf = _norm2(step), _max_abs(step)
+        accept = jnp.logical_or(
+            use_plain, jnp.logical_and(jnp.isfinite(rz2), rz2 <= ANDERSON_DECREASE * r2))
+        converged_now = rz_inf <= tol
         active = jnp.logical_not(done)
-        x_out = jnp.where(_bcast(active, x), x_new, x)
-        fx_out = jnp.where(_bcast(active, x), f_new, fx)
+        upd = jnp.logical_and(active, accept)
+        # History: push the accepted pair, or restart from the current point.
+        slot = jnp.where(accept, count % m, 0)
+        hx = jnp.where(b(accept, x), z, x)
+        hf = jnp.where(b(accept, x), fz, fx)
+        xs, fs = push(xs, fs, slot, hx, hf, active)
+        count = jnp.where(active, jnp.where(accept, count + 1, 1), count)
+        plain_next = jnp.where(active, jnp.logical_not(accept), plain_next)
+        x = jnp.where(b(upd, x), z, x)
+        fx = jnp.where(b(upd, x), fz, fx)
+        r2 = jnp.where(upd, rz2, r2)
+        # What an example returns: f(z) if z converged, else the image of its best point.
+        stop = jnp.logical_and(active, converged_now)
+        out = jnp.where(b(active, x), jnp.where(b(converged_now, x), fz, fx), out)
+        res = jnp.where(stop, rz_inf, jnp.where(upd, rz_inf, res))
         iters = jnp.where(active, k + 1, iters)
-        res = jnp.where(active, step, res)
-        done = jnp.logical_or(done, step <= tol)
-        return k + 1, x_out, fx_out, xs, fs, done, iters, res
+        done = jnp.logical_or(done, stop)
+        return k + 1, x, fx, r2, xs, fs, count, plain_next, out, done, iters, res
 
-    init = (jnp.zeros((), jnp.int32), y, f(y), jnp.zeros((batch, m, d), y.dtype),
-            jnp.zeros((batch, m, d), y.dtype), jnp.zeros((batch,), bool),
-            jnp.zeros((batch,), jnp.int32), jnp.full((batch,), jnp.inf, y.dtype))
-    _, x, fx, _, _, done, iters, res = lax.while_loop(cond, body, init)
-    # Return the image f(x): one more contraction step from the accepted point.
-    return fx, FixedPointInfo(iters, res, done)
+    fy = f(y)
+    step0 = fy - y
+    zeros_hist = jnp.zeros((batch, m, flat(y).shape[1]), dtype)
+    xs, fs = push(zeros_hist, zeros_hist, jnp.zeros((batch,), jnp.int32), y, fy,
+                  jnp.ones((batch,), bool))
+    res0 = _max_abs(step0)
+    init = (jnp.ones((), jnp.int32), y, fy, _norm2(step0), xs, fs,
+            jnp.ones((batch,), jnp.int32), jnp.zeros((batch,), bool), fy, res0 <= tol,
+            jnp.ones((batch,), jnp.int32), res0)
+    state = lax.while_loop(cond, body, init)
+    _, _, _, _, _, _, _, _, out, done, iters, res = state
+    return out, FixedPointInfo(iters, res, done)
 
 
 def _solve(g, y, tol, max_iter, method):
@@ -184,20 +243,11 @@ def _fixed_point_bwd(g, tol, max_iter, method, res, cotangents):
     x, consts = res
     xbar = cotangents[0]
     with jax.default_matmul_precision("float32"):
+        _, vjp_x = jax.vjp(lambda x_: g(x_, *consts), x)
+        # Solve u = xbar - J_g^T u: a contraction like the forward problem (||J_g|| <=
+        # Lip(g)), solved by the same method with per-example stopping.
+        u, _ = _solve(lambda w: vjp_x(w)[0], xbar, tol, max_iter, method)
         _, vjp_fn = jax.vjp(lambda x_, *c: g(x_, *c), x, *consts)
-
-        # Solve u = xbar - J_g^T u (a contraction, like the forward problem).
-        def cond(state):
-            k, _, step = state
-            return jnp.logical_and(k < max_iter, step > tol)
-
-        def body(state):
-            k, u, _ = state
-            u_new = xbar - vjp_fn(u)[0]
-            return k + 1, u_new, jnp.max(jnp.abs(u_new - u))
-
-        _, u, _ = lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), xbar,
-                                              jnp.asarray(jnp.inf, xbar.dtype)))
         const_bars = vjp_fn(u)[1:]
     negate = lambda c: c if c.dtype == jax.dtypes.float0 else -c
     return (u,) + tuple(jax.tree.map(negate, c) for c in const_bars)
@@ -230,8 +280,10 @@ def fixed_point(g: Callable[[Array], Array], y: Array, *, tol: float = 1e-6,
       max_iter: bound on the iterations (``>= 1``).
       checked: raise ``FixedPointError`` if an example did not converge (under ``jit``
         the error surfaces as a runtime error carrying the same message).
-      method: ``"plain"`` (Algorithm 1) or ``"anderson"`` (Anderson acceleration with a
-        safeguard; each iteration then costs two evaluations of ``g``).
+      method: ``"plain"`` (Algorithm 1) or ``"anderson"`` (safeguarded Anderson
+        acceleration; one evaluation of ``g`` per iteration, per-example histories;
+        converges for every contraction, see ``_anderson_solve``). The gradient's linear
+        solve uses the same method.
 
     Returns:
       ``(x, info)`` with ``info`` a ``FixedPointInfo`` of per-example arrays.
