@@ -18,6 +18,7 @@ overrides), the optimizer and the schedule. ``train_and_evaluate(config, workdir
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -113,11 +114,32 @@ def init_batch(config, train_data, normalizer) -> np.ndarray:
     return np.asarray(models.dequantize(key, images.astype(np.float32), train_data.n_bins))
 
 
+@functools.lru_cache(maxsize=16)
+def _jitted_init(model):
+    return jax.jit(model.init)
+
+
+@functools.lru_cache(maxsize=16)
+def jitted_steps(model, task: str, n_bins: int, dim: int, mesh):
+    """``(train_step, eval_step)`` jitted for ``mesh``: the train state replicated, batches
+    split along the data axis, the state donated.
+
+    Cached on the (hashable) model and mesh, so a run resumed in the same process (or a
+    second run of the same model) reuses the compiled programs.
+    """
+    repl, data_sh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    train_step = jax.jit(steps.make_train_step(model, task, n_bins=n_bins, dim=dim),
+                         in_shardings=(repl, data_sh), out_shardings=(repl, repl),
+                         donate_argnums=(0,))
+    eval_step = jax.jit(steps.make_eval_step(model, task, n_bins=n_bins, dim=dim))
+    return train_step, eval_step
+
+
 def create_state(config, model, x_init: np.ndarray, tx) -> TrainState:
     """Initializes the model on ``x_init`` and returns the train state."""
     key = jax.random.key(config.seed)
     k_params, k_ld, k_run = jax.random.split(key, 3)
-    variables = jax.jit(model.init)({"params": k_params, "logdet": k_ld}, x_init)
+    variables = _jitted_init(model)({"params": k_params, "logdet": k_ld}, x_init)
     variables = dict(variables)
     params = variables.pop("params")
     return TrainState.create(params=params, model_state=variables, tx=tx,
@@ -177,13 +199,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     else:
         state = parallel.replicate(create_state(config, model, x_init, tx), mesh)
 
-    repl, data_sh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-    train_step = jax.jit(steps.make_train_step(model, config.task, n_bins=train_data.n_bins,
-                                               dim=train_data.dim),
-                         in_shardings=(repl, data_sh), out_shardings=(repl, repl),
-                         donate_argnums=(0,))
-    eval_step = jax.jit(steps.make_eval_step(model, config.task, n_bins=test_data.n_bins,
-                                             dim=test_data.dim))
+    train_step, eval_step = jitted_steps(model, config.task, train_data.n_bins,
+                                         train_data.dim, mesh)
     eval_key = jax.random.fold_in(jax.random.key(config.seed), 2)
 
     def batch_fn(step: int):
