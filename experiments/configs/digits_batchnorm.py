@@ -1,0 +1,16 @@
+"""The batchnorm ResNet baseline on scikit-learn's digits: the same topology, data, optimizer
+and number of steps as ``digits_classifier.py``, with BatchNorm before every nonlinearity instead of ActNorm.
+
+    python -m experiments.train --config=experiments/configs/digits_batchnorm.py \
+        --workdir=/tmp/digits_batchnorm
+
+Measured: see README ("Image models").
+"""
+
+from experiments.configs import digits_classifier
+
+
+def get_config():
+    c = digits_classifier.get_config()
+    c.model.preset = "digits_batchnorm"
+    return c
