@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import ml_collections
 
+from iresnet_jax import models
+
+
+def model_config(preset: str) -> ml_collections.ConfigDict:
+    """All keyword arguments of a model preset, so each can be overridden from the command
+    line (e.g. ``--config.model.coeff=0.5``)."""
+    return ml_collections.ConfigDict(models.model_kwargs(preset))
+
 
 def classification(dataset: str, preset: str) -> ml_collections.ConfigDict:
     """Paper classification settings: SGD momentum 0.9, lr 0.1, weight decay 5e-4,
@@ -12,7 +20,7 @@ def classification(dataset: str, preset: str) -> ml_collections.ConfigDict:
     c.task = "classification"
     c.dataset = dataset
     c.data_dir = ""
-    c.model = ml_collections.ConfigDict({"preset": preset})
+    c.model = model_config(preset)
     c.batch_size = 128
     c.eval_batch_size = 200
     c.num_epochs = 200.0

@@ -7,10 +7,10 @@ and number of steps as ``digits_classifier.py``, without the Lipschitz constrain
 Measured: see README ("Image models").
 """
 
-from experiments.configs import digits_classifier
+from experiments.configs import common, digits_classifier
 
 
 def get_config():
     c = digits_classifier.get_config()
-    c.model.preset = "digits_vanilla"
+    c.model = common.model_config("digits_vanilla")
     return c
