@@ -1,5 +1,6 @@
-"""The batchnorm ResNet baseline on scikit-learn's digits: the same topology, data, optimizer
-and number of steps as ``digits_classifier.py``, with BatchNorm before every nonlinearity instead of ActNorm.
+"""The BatchNorm ResNet baseline on scikit-learn's digits: the same topology, data,
+optimizer and number of steps as ``digits_classifier.py``, with BatchNorm before every
+nonlinearity instead of ActNorm and no Lipschitz constraint.
 
     python -m experiments.train --config=experiments/configs/digits_batchnorm.py \
         --workdir=/tmp/digits_batchnorm
