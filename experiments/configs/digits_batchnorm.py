@@ -5,7 +5,7 @@ nonlinearity instead of ActNorm and no Lipschitz constraint.
     python -m experiments.train --config=experiments/configs/digits_batchnorm.py \
         --workdir=/tmp/digits_batchnorm
 
-Measured: see README ("Image models").
+Not yet measured.
 """
 
 from experiments.configs import common, digits_classifier

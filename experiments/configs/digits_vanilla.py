@@ -4,7 +4,8 @@ and number of steps as ``digits_classifier.py``, without the Lipschitz constrain
     python -m experiments.train --config=experiments/configs/digits_vanilla.py \
         --workdir=/tmp/digits_vanilla
 
-Measured: see README ("Image models").
+Measured (660 steps, this 2-core CPU under load): test accuracy 98.6 % (355 / 360); 451 s
+wall, 263 s CPU.
 """
 
 from experiments.configs import common, digits_classifier
