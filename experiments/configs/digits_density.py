@@ -6,8 +6,8 @@
 
 Digits have 17 grey levels: uniform dequantization uses 17 bins and bits/dim is measured
 against the 64 real dimensions. Measured (660 steps, this 2-core CPU under load; 302 s
-wall, 217 s CPU): with ``--n_samples=4 --max_passes=28`` the evaluation gives 2.724 +- 0.0009 bits/dim (standard
-error), bias bound 8.3e-5 bits/dim with 32 series terms.
+wall, 217 s CPU): with ``--n_samples=4 --max_passes=28`` the evaluation gives 2.724 +-
+0.0009 bits/dim (standard error), bias bound 8.3e-5 bits/dim with 32 series terms.
 """
 
 from experiments.configs import common
