@@ -11,7 +11,7 @@ from typing import Callable
 
 import flax.linen as nn
 
-from iresnet_jax import blocks, flow, layers, logdet
+from iresnet_jax import blocks, flow, layers, logdet, models
 from iresnet_jax.models import glow, toy
 
 EXACT = logdet.LogDetConfig("exact")
@@ -58,4 +58,14 @@ REGISTRY = [
     Entry("glow_mlp_reverse", lambda: glow.Glow(n_steps=3, hidden=(8,)), (4, 2)),
     Entry("glow_conv_1x1", lambda: glow.Glow(n_steps=2, hidden=(4,), mixing="1x1"),
           (2, 2, 2, 4)),
+    # Image models (iresnet_jax.models) at tiny sizes.
+    Entry("multiscale_density", lambda: models.MultiscaleDensity(
+        input_shape=(4, 4, 1), blocks_per_scale=(1, 2, 1), squeeze=(False, True, False),
+        hidden=4, logdet=EXACT, inverse_tol=1e-10, inverse_max_iter=500), (2, 4, 4, 1)),
+    Entry("classifier_features", lambda: models.IResNetFeatures(
+        stages=(2, 1), hidden=4, squeeze=(False, True), pad_channels=0, logdet=EXACT,
+        inverse_tol=1e-10, inverse_max_iter=500), (2, 4, 4, 2)),
+    Entry("classifier_features_padded", lambda: models.IResNetFeatures(
+        stages=(1, 1), hidden=4, squeeze=(False, True), pad_channels=1, logdet=EXACT,
+        inverse_tol=1e-10, inverse_max_iter=500), (2, 4, 4, 1), exact_logdet=False),
 ]

@@ -1,0 +1,154 @@
+"""Training and evaluation of the image models on tiny configurations of digits.
+
+One train step, a checkpoint and a resume per task; the train step is traced once; 8
+simulated CPU devices give the same loss as 1; the bits/dim protocol picks the number of
+series terms that its bias bound requires.
+"""
+
+import json
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from experiments.configs import digits_classifier, digits_density
+from iresnet_jax import data, lipschitz, logdet
+from iresnet_jax.train import evaluation, experiment, parallel, steps
+
+TINY = {
+    "classification": dict(stages=(1, 1, 1), hidden=4),
+    "density": dict(blocks_per_scale=(1, 1, 1), hidden=4, n_terms=2),
+}
+
+
+def _config(task, **overrides):
+    c = (digits_density if task == "density" else digits_classifier).get_config()
+    c.model.update(TINY[task])
+    c.batch_size = 16
+    c.eval_batch_size = 120
+    c.init_batch_size = 64
+    c.log_every = 1
+    c.checkpoint_every = 1
+    c.update(overrides)
+    return c
+
+
+@pytest.fixture(scope="module", params=["classification", "density"])
+def trained(request, tmp_path_factory):
+    """A tiny model trained for 1 step, then resumed for a 2nd (checkpoint at each)."""
+    task = request.param
+    workdir = str(tmp_path_factory.mktemp(task))
+    lines = []
+    first = experiment.train_and_evaluate(_config(task, num_steps=1), workdir,
+                                          print_fn=lines.append)
+    second = experiment.train_and_evaluate(_config(task, num_steps=2), workdir,
+                                           print_fn=lines.append)
+    return task, workdir, first, second, lines
+
+
+def test_train_checkpoint_and_resume(trained):
+    task, workdir, first, second, lines = trained
+    assert first["final_step"] == 1 and first["steps_this_run"] == 1
+    assert any("resumed from checkpoint at step 1" in line for line in lines)
+    assert second["final_step"] == 2 and second["steps_this_run"] == 1
+    metric = "accuracy" if task == "classification" else "bits_per_dim"
+    assert np.isfinite(second["eval"][metric])
+    with open(f"{workdir}/summary.json") as f:
+        assert json.load(f)["final_step"] == 2
+    with open(f"{workdir}/metrics.jsonl") as f:
+        assert any("train/loss" in line for line in f)
+
+
+def test_evaluate_workdir(trained):
+    task, workdir, _, second, _ = trained
+    if task == "classification":
+        out = evaluation.evaluate_workdir(workdir, print_fn=lambda s: None)
+        assert out["accuracy"] == pytest.approx(second["eval"]["accuracy"])
+        return
+    out = evaluation.evaluate_workdir(workdir, bias_tol=0.05, se_tol=1.0, max_passes=3,
+                                      print_fn=lambda s: None)
+    assert out["bias_bound"] <= 0.05 and out["passes"] == 2 and out["se_target_met"]
+    assert np.isfinite(out["bits_per_dim"]) and out["standard_error"] < 1.0
+    # The chosen number of terms is the smallest whose bound meets the tolerance.
+    lips = np.array(out["block_lipschitz"])
+    assert np.all(lips < 1)
+    r = evaluation.restore(workdir)
+    bounds = evaluation.block_lipschitz_bounds(r["params"], r["model_state"]["spectral"],
+                                               coeff=0.9)
+    nats = 0.05 * 64 * np.log(2)
+    n = out["n_terms"]
+    assert evaluation.model_bias_bound(bounds, n) <= nats
+    assert n == 1 or evaluation.model_bias_bound(bounds, n - 1) > nats
+
+
+def test_terms_for_model_bias_matches_bias_bound():
+    bounds = [evaluation.BlockBound(f"b{i}", lip, dim, (), ())
+              for i, (lip, dim) in enumerate([(0.7, 196), (0.73, 196), (0.5, 98)])]
+    for tol in (1e-1, 1e-3, 1e-6):
+        n = evaluation.terms_for_model_bias(bounds, tol)
+        total = lambda k: sum(logdet.bias_bound(b.lipschitz, b.dim, k) for b in bounds)
+        assert total(n) <= tol < total(n - 1)
+    with pytest.raises(ValueError, match=">= 1"):
+        evaluation.terms_for_model_bias(bounds + [evaluation.BlockBound("x", 1.2, 4, (), ())],
+                                        1e-3)
+
+
+def test_conv_operator_norms():
+    rng = np.random.default_rng(0)
+    kernel = rng.normal(size=(3, 3, 2, 3))
+    dense, how = evaluation.conv_operator_norm(kernel, (5, 4), bound="dense")
+    exact = float(np.linalg.norm(np.asarray(lipschitz.conv_dense_matrix(kernel, (5, 4))), 2))
+    assert how == "dense" and dense == pytest.approx(exact, rel=1e-6)
+    power, how = evaluation.conv_operator_norm(kernel, (5, 4), bound="power")
+    assert how == "power" and power == pytest.approx(dense, rel=1e-4)
+    circular, _ = evaluation.conv_operator_norm(kernel, (5, 4), bound="circular")
+    assert circular >= dense * (1 - 1e-9)        # a certified upper bound
+    one, how = evaluation.conv_operator_norm(kernel[1:2, 1:2], (5, 4))
+    assert how == "exact-1x1" and one == pytest.approx(np.linalg.norm(kernel[1, 1], 2))
+
+
+def _state_and_batch(task, devices):
+    config = _config(task)
+    train, _ = experiment.load_data(config)
+    model = experiment.build_model(config, train)
+    normalizer = experiment.normalizer_for(config, train)
+    tx = experiment.make_tx(config, train)
+    state = experiment.create_state(config, model, experiment.init_batch(config, train,
+                                                                        normalizer), tx)
+    batches = data.TrainBatches(train, config.batch_size, 0, normalizer=normalizer)
+    return model, train, state, batches
+
+
+def test_eight_devices_give_the_same_loss_as_one_and_one_trace():
+    """Three density steps (dequantization noise, Hutchinson probes, spectral updates) on
+    one device and on eight; the 1-device step is guarded to be traced only once."""
+    assert jax.device_count() == 8   # tests/conftest.py sets the XLA flag
+    model, train, state, batches = _state_and_batch("density", None)
+    mesh1 = parallel.make_mesh(jax.devices()[:1])
+    repl, shard = parallel.replicated(mesh1), parallel.batch_sharding(mesh1)
+    chex.clear_trace_counter()
+    step = steps.make_train_step(model, "density", n_bins=train.n_bins, dim=train.dim)
+    one = jax.jit(chex.assert_max_traces(step, n=1), in_shardings=(repl, shard),
+                  out_shardings=(repl, repl))
+    mesh8 = parallel.make_mesh()
+    eight, _ = experiment.jitted_steps(model, "density", train.n_bins, train.dim, mesh8)
+    results = []
+    for mesh, fn in ((mesh1, one), (mesh8, eight)):
+        s = parallel.replicate(state, mesh)
+        losses = []
+        for i in range(3):
+            s, metrics = fn(s, parallel.shard_batch(batches(i), mesh))
+            losses.append(float(metrics["loss"]))
+        results.append((losses, jax.device_get(s.params), int(s.step)))
+    (loss1, params1, step1), (loss8, params8, step8) = results
+    assert step1 == step8 == 3
+    np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 params1, params8)
+
+
+def test_batch_size_must_divide_the_devices():
+    mesh = parallel.make_mesh()
+    with pytest.raises(ValueError, match="not divisible by the 8 devices"):
+        parallel.check_batch_size(12, mesh)
