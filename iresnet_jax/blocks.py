@@ -299,6 +299,9 @@ class InvertibleBlock(nn.Module):
         if not self.logdet.needs_rng:
             return None
         if not self.has_rng("logdet"):
+            if self.is_initializing():
+                # model.init(key, x) with one key: the log-det value is not needed.
+                return self.make_rng("params")
             raise ValueError(
                 f"the {self.logdet.method!r} log-det estimator draws probes from the rng "
                 "stream 'logdet': pass rngs={'logdet': key} to apply (or use "

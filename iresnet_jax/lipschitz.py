@@ -99,7 +99,11 @@ def operator_norm(op: Callable[[Array], Array], u: Array, n_iter: int,
     u = _normalize(u)
 
     def step(u):
-        return _normalize(op_transpose(op(u)))
+        w = op_transpose(op(u))
+        norm = jnp.sqrt(jnp.sum(w * w))
+        # A vector in the null space (e.g. of a zero-initialized kernel) would collapse the
+        # iteration to 0 for good, and sigma with it; keep the previous direction instead.
+        return jnp.where(norm > _EPS, w / jnp.maximum(norm, _EPS), u)
 
     if n_iter <= 8:
         for _ in range(n_iter):

@@ -172,3 +172,18 @@ def test_zero_initialized_layer_has_finite_gradients():
     grads = jax.grad(loss)(variables["params"])
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
     assert float(jnp.abs(grads["kernel"]).max()) > 0
+
+
+def test_zero_initialized_layer_keeps_a_live_power_iteration_vector(x64):
+    # A zero kernel must not collapse u to 0: once the kernel grows, the constraint must act.
+    layer = lipschitz.SpectralDense(4, coeff=0.5, kernel_init=jax.nn.initializers.zeros,
+                                    init_power_iter=20)
+    x = jnp.ones((2, 3), jnp.float64)
+    variables = jax.jit(layer.init)(jax.random.key(12), x)
+    u = variables["spectral"]["u"]
+    assert float(jnp.linalg.norm(u)) == pytest.approx(1.0)
+    big = {**variables, "params": {**variables["params"],
+                                   "kernel": 5.0 * jnp.ones((3, 4), jnp.float64)}}
+    _, state = layer.apply(big, x, train=True, mutable=["spectral"])
+    kernel, _ = layer.apply({**big, **state}, x, method="weights")
+    assert np.linalg.norm(np.asarray(kernel), 2) == pytest.approx(0.5, rel=1e-6)

@@ -74,6 +74,7 @@ def test_training_writes_figure_and_metrics_and_is_deterministic(tmp_path, model
     assert written["steps"] == 4 and written["dataset"] == "checkerboard"
     assert written["true_nll"] == pytest.approx(math.log(32))
     assert math.isfinite(written["test_nll"])
+    assert 0.3 < written["density_mass_on_plot_grid"] < 1.05
     assert (tmp_path / "a" / "metrics.jsonl").exists()
 
 

@@ -200,6 +200,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     gx, gy = np.meshgrid(g, g)
     grid = np.stack([gx.ravel(), gy.ravel()], axis=1)
     density = np.exp(log_prob(state.variables(), grid, eval_key)).reshape(gx.shape)
+    # A sanity check of the model itself: a normalized density integrates to <= 1 over the
+    # plotted square (close to 1 when the square holds the support).
+    grid_mass = float(np.sum(density) * (g[1] - g[0]) ** 2)
     samples = None
     if config.n_plot_samples:
         sample_fn = jax.jit(lambda v, k: model.apply(v, config.n_plot_samples,
@@ -226,6 +229,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         "steps_per_sec": steps_run / summary["seconds_this_run"] if steps_run else None,
         "total_seconds_this_run": time.time() - t_start,
         "seconds_to_end_of_training": train_seconds, "figure": os.path.basename(figure),
+        "density_mass_on_plot_grid": grid_mass,
     }
     if samples is not None and true_nll is not None and toy2d.has_log_density(config.dataset):
         inside = np.isfinite(toy2d.log_density(config.dataset, samples))
