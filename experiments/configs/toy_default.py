@@ -28,6 +28,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.num_steps = 2000
     c.batch_size = 500
     c.learning_rate = 2e-3
+    c.adam_b1 = 0.9
+    c.adam_b2 = 0.999
     c.warmup_steps = 100
     c.final_lr_fraction = 0.01
     c.grad_clip = 10.0

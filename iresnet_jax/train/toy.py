@@ -67,7 +67,9 @@ def make_optimizer(config) -> optax.GradientTransformation:
         init_value=0.0, peak_value=config.learning_rate,
         warmup_steps=min(config.warmup_steps, config.num_steps),
         decay_steps=config.num_steps, end_value=config.learning_rate * config.final_lr_fraction)
-    return optax.chain(optax.clip_by_global_norm(config.grad_clip), optax.adam(schedule))
+    return optax.chain(optax.clip_by_global_norm(config.grad_clip),
+                       optax.adam(schedule, b1=config.get("adam_b1", 0.9),
+                                  b2=config.get("adam_b2", 0.999)))
 
 
 def batch_for_step(config, step: int) -> np.ndarray:
