@@ -125,12 +125,13 @@ def make_steps(model, eval_chunk: int):
 
 def plot(path: str, config, data: np.ndarray, grid_x: np.ndarray, grid_y: np.ndarray,
          density: np.ndarray, samples: np.ndarray | None, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure (no pyplot): works headless and leaves the caller's matplotlib backend
+    # alone (switching it to Agg would stop inline plots in a notebook).
+    from matplotlib.figure import Figure
 
     lim = config.plot_range
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4.2))
+    fig = Figure(figsize=(12, 4.2))
+    axes = fig.subplots(1, 3)
     axes[0].hist2d(data[:, 0], data[:, 1], bins=150, range=[[-lim, lim], [-lim, lim]],
                    cmap="viridis")
     axes[0].set_title(f"data ({config.dataset})")
@@ -150,7 +151,6 @@ def plot(path: str, config, data: np.ndarray, grid_x: np.ndarray, grid_y: np.nda
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=90)
-    plt.close(fig)
     os.replace(tmp, path)
 
 
