@@ -198,7 +198,8 @@ def run(workdir: str, s: ml_collections.ConfigDict, *, only: Iterable[str] = ANA
                 results.append(res)
                 rows.append(x_rec)
                 labels.append(f"{t.name}\nmax {res['max_error']:.1e}\nmean "
-                              f"{res['mean_error']:.1e}")
+                              f"{res['mean_error']:.1e}" if res["finite"] else
+                              f"{t.name}\ndiverged\n(inf / NaN)")
             fig = analysis.plot_image_rows(rows, labels, vmin=float(x.min()),
                                            vmax=float(x.max()),
                                            title=f"{s.recon_iterations} fixed-point "

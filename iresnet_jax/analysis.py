@@ -422,6 +422,7 @@ def plot_convergence(rows: Sequence[dict]):
                     color=f"C{j}", label=f"{name} (max)")
         ax_t.plot(k, [1e3 * r["seconds_per_batch"] for r in rs], "o-", ms=3, color=f"C{j}",
                   label=name)
+    ax.set_xscale("log")
     ax.set_xlabel("fixed-point iterations per block")
     ax.set_ylabel("reconstruction error |x - F^-1(F(x))|")
     ax.legend(fontsize=7)
@@ -757,7 +758,7 @@ def sample_images(t: Trained, n: int, key: Array, *, temperature: float = 1.0
     """``n`` samples of a density model (prior draws through the fixed-point inverse)."""
     model = t.model
     fn = jax.jit(lambda v, k: model.apply(v, n, temperature=temperature, method="sample",
-                                          rngs={"sample": k}), static_argnums=())
+                                          rngs={"sample": k}))
     x = np.asarray(fn(t.variables, key))
     lo, hi = -0.5, 0.5
     return x, {"model": t.name, "samples": int(n), "temperature": float(temperature),
