@@ -298,10 +298,10 @@ def plot_singular_values(rows: Sequence[dict]):
     colors = ["C0", "C1", "C2", "C3", "C4", "C5", "C6", "C7"]
     for ax, group, title in ((axes[0], base, "vanilla and BatchNorm ResNets"),
                              (axes[1], ires, "i-ResNets (spectral normalization)")):
-        for j, name in enumerate(group):
+        for name in group:
             rs = [r for r in rows if r["model"] == name]
             layer = [r["layer"] for r in rs]
-            col = colors[(names.index(name)) % len(colors)]
+            col = colors[names.index(name) % len(colors)]
             ax.plot(layer, [r["fft"] for r in rs], "o-", color=col, ms=4,
                     label=f"{name}: FFT (circular)")
             ax.plot(layer, [r["power"] for r in rs], "x--", color=col, ms=5, lw=0.8,
