@@ -193,3 +193,19 @@ def test_conv_norms_match_dense_svd(x64, hw, ks):
     assert norms["fft"] == pytest.approx(dense("CIRCULAR"), rel=1e-10)
     assert norms["power"] == pytest.approx(dense("SAME"), rel=1e-5)
     assert norms["fft_zero_padding_bound"] >= dense("SAME") * (1 - 1e-12)
+
+
+def test_roles_of_configs_and_analyses():
+    """A checkpoint's role comes from its config; each analysis asks for its models."""
+    s = _settings()
+    assert analysis.default_name(analyses.model_config("vanilla", s)) == "vanilla"
+    assert analysis.default_name(analyses.model_config("batchnorm", s)) == "batchnorm"
+    assert analysis.default_name(analyses.model_config("c=0.7", s)) == "c=0.7"
+    assert analysis.default_name(analyses.model_config("density", s)) == "density"
+    assert analyses.model_config("c=0.7", s).model.coeff == 0.7
+    assert analyses._roles(["convergence"], (0.5, 0.9)) == ["c=0.5", "c=0.9"]
+    assert analyses._roles(["reconstructions", "samples"], (0.5, 0.9)) == [
+        "vanilla", "batchnorm", "c=0.9", "density"]
+    assert analyses._roles(["runtime"], (0.9,)) == []
+    with pytest.raises(ValueError, match="unknown analyses"):
+        analyses.run("/nonexistent", s, only=["fig10"])
