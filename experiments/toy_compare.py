@@ -13,6 +13,7 @@ import os
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from iresnet_jax.train import toy
@@ -40,6 +41,8 @@ def table(rows) -> str:
 
 
 def main(argv):
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     del argv
     rows = []
     for dataset in _DATASETS.value:

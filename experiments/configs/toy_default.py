@@ -17,7 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Architecture: blocks x + g(x), g an MLP with ELU, ActNorm after each block.
     c.n_blocks = 20
     c.hidden = (64, 64, 64)
-    c.coeff = 0.9
+    c.coeff = 0.99
     c.n_power_iter = 1
     c.activation = "elu"
     c.zero_init_last = False
@@ -25,20 +25,20 @@ def get_config() -> ml_collections.ConfigDict:
     c.inverse_tol = 1e-5
     c.inverse_max_iter = 200
     # Optimization.
-    c.num_steps = 2000
-    c.batch_size = 500
-    c.learning_rate = 2e-3
+    c.num_steps = 12000
+    c.batch_size = 125
+    c.learning_rate = 1e-1
     c.adam_b1 = 0.9
-    c.adam_b2 = 0.999
+    c.adam_b2 = 0.99
     c.warmup_steps = 100
     c.final_lr_fraction = 0.01
     c.grad_clip = 10.0
     # Evaluation, logging, checkpoints, figure.
     c.n_test = 20_000
-    c.eval_every = 500
+    c.eval_every = 2000
     c.eval_chunk = 5000
-    c.log_every = 100
-    c.checkpoint_every = 500
+    c.log_every = 500
+    c.checkpoint_every = 2000
     c.grid_size = 120
     c.plot_range = 4.5
     c.n_plot_samples = 5000

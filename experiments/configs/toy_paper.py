@@ -16,7 +16,9 @@ def get_config():
     c.hidden = (64, 64, 64)
     c.coeff = 0.9
     c.num_steps = 20_000
+    c.batch_size = 500
     c.learning_rate = 1e-3
+    c.adam_b2 = 0.999
     c.eval_every = 1000
     c.checkpoint_every = 1000
     return c
