@@ -127,13 +127,22 @@ def conv2d(x: Array, kernel: Array, *, strides: int | Sequence[int] = 1,
     (periodic; ``"SAME"``-sized output, the operator that ``conv_singular_values``
     diagonalizes exactly). A 1x1 kernel with unit strides is a matrix product over the
     channels and is computed as one (on XLA:CPU its kernel gradient is then a plain
-    matrix product instead of a convolution over the whole image).
+    matrix product instead of a convolution over the whole image). A larger kernel with
+    unit strides that widens the channels (``C_in < C_out``, the first conv of every
+    residual branch) goes through ``conv2d_patches``: its patches have only
+    ``kh * kw * C_in`` channels, and XLA:CPU's gradients of such a convolution (the
+    kernel gradient is a convolution with an image-sized window) are several times
+    slower than the matrix products that replace them.
     """
     if isinstance(strides, int):
         strides = (strides, strides)
-    if kernel.shape[:2] == (1, 1) and _is_unit_stride(strides) and (
+    unit = _is_unit_stride(strides)
+    if kernel.shape[:2] == (1, 1) and unit and (
             isinstance(padding, str) and padding in ("SAME", "VALID", "CIRCULAR")):
         return jnp.einsum("nhwc,co->nhwo", x, kernel[0, 0], precision=precision)
+    if (unit and isinstance(padding, str) and padding in ("SAME", "CIRCULAR")
+            and kernel.shape[2] < kernel.shape[3]):
+        return conv2d_patches(x, kernel, padding=padding, precision=precision)
     if isinstance(padding, str) and padding == "CIRCULAR":
         kh, kw = kernel.shape[:2]
         pads = [(0, 0), ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2), (0, 0)]

@@ -238,3 +238,22 @@ def test_conv_norm_patches_path_matches_dense_svd_under_vmap(x64):
     for k, s in zip(kernels, sigmas):
         dense = np.asarray(lipschitz.conv_dense_matrix(k, (5, 5)))
         np.testing.assert_allclose(s, np.linalg.svd(dense, compute_uv=False)[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("padding", ["SAME", "CIRCULAR"])
+def test_conv2d_widening_kernel_path_equals_lax_conv(x64, padding):
+    """``conv2d`` with C_in < C_out (computed from patches) is the same convolution."""
+    k1, k2 = jax.random.split(jax.random.key(15))
+    kernel = jax.random.normal(k1, (3, 3, 2, 5), jnp.float64)
+    x = jax.random.normal(k2, (2, 5, 6, 2), jnp.float64)
+    got = lipschitz.conv2d(x, kernel, padding=padding)
+    if padding == "CIRCULAR":
+        xp = jnp.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)], mode="wrap")
+        expected = jax.lax.conv_general_dilated(xp, kernel, (1, 1), "VALID",
+                                                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                                precision="highest")
+    else:
+        expected = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
+                                                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                                precision="highest")
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
