@@ -114,6 +114,10 @@ def operator_norm(op: Callable[[Array], Array], u: Array, n_iter: int,
     return sigma, u
 
 
+def _is_unit_stride(strides) -> bool:
+    return tuple(strides) == (1, 1)
+
+
 def conv2d(x: Array, kernel: Array, *, strides: int | Sequence[int] = 1,
            padding: str | Sequence[tuple[int, int]] = "SAME",
            precision: Any = None) -> Array:
@@ -121,10 +125,24 @@ def conv2d(x: Array, kernel: Array, *, strides: int | Sequence[int] = 1,
 
     ``padding`` is ``"SAME"`` (zeros), ``"VALID"``, explicit pairs, or ``"CIRCULAR"``
     (periodic; ``"SAME"``-sized output, the operator that ``conv_singular_values``
-    diagonalizes exactly).
+    diagonalizes exactly). A 1x1 kernel with unit strides is a matrix product over the
+    channels and is computed as one (on XLA:CPU its kernel gradient is then a plain
+    matrix product instead of a convolution over the whole image). A larger kernel with
+    unit strides that widens the channels (``C_in < C_out``, the first conv of every
+    residual branch) goes through ``conv2d_patches``: its patches have only
+    ``kh * kw * C_in`` channels, and XLA:CPU's gradients of such a convolution (the
+    kernel gradient is a convolution with an image-sized window) are several times
+    slower than the matrix products that replace them.
     """
     if isinstance(strides, int):
         strides = (strides, strides)
+    unit = _is_unit_stride(strides)
+    if kernel.shape[:2] == (1, 1) and unit and (
+            isinstance(padding, str) and padding in ("SAME", "VALID", "CIRCULAR")):
+        return jnp.einsum("nhwc,co->nhwo", x, kernel[0, 0], precision=precision)
+    if (unit and isinstance(padding, str) and padding in ("SAME", "CIRCULAR")
+            and kernel.shape[2] < kernel.shape[3]):
+        return conv2d_patches(x, kernel, padding=padding, precision=precision)
     if isinstance(padding, str) and padding == "CIRCULAR":
         kh, kw = kernel.shape[:2]
         pads = [(0, 0), ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2), (0, 0)]
@@ -132,6 +150,31 @@ def conv2d(x: Array, kernel: Array, *, strides: int | Sequence[int] = 1,
         padding = "VALID"
     return lax.conv_general_dilated(x, kernel, window_strides=tuple(strides), padding=padding,
                                     dimension_numbers=_CONV_DIMS, precision=precision)
+
+
+def conv2d_patches(x: Array, kernel: Array, *, padding: str = "SAME",
+                   precision: Any = None) -> Array:
+    """``conv2d`` with unit strides as one matrix product over image patches (im2col).
+
+    The same operator as ``conv2d(x, kernel, padding=padding)`` for ``"SAME"`` and
+    ``"CIRCULAR"`` padding, built from pads, slices and one ``dot``: its transpose and its
+    gradients are matrix products too, and it batches under ``vmap`` over kernels as a
+    batched ``dot`` (a ``vmap`` of ``lax.conv`` over kernels becomes a grouped
+    convolution, which XLA:CPU runs slowly). Used by the power iteration, whose operands
+    are single images.
+    """
+    if padding not in ("SAME", "CIRCULAR"):
+        raise ValueError(f"conv2d_patches supports 'SAME' and 'CIRCULAR' padding, got "
+                         f"{padding!r}")
+    kh, kw, c_in, c_out = kernel.shape
+    n, h, w, _ = x.shape
+    pads = [(0, 0), ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2), (0, 0)]
+    xp = jnp.pad(x, pads, mode="wrap" if padding == "CIRCULAR" else "constant")
+    cols = jnp.concatenate([xp[:, a:a + h, b:b + w, :] for a in range(kh)
+                            for b in range(kw)], axis=-1)
+    out = jnp.dot(cols.reshape(n * h * w, kh * kw * c_in),
+                  kernel.reshape(kh * kw * c_in, c_out), precision=precision)
+    return out.reshape(n, h, w, c_out)
 
 
 def dense_norm(kernel: Array, u: Array, n_iter: int) -> tuple[Array, Array]:
@@ -145,10 +188,17 @@ def conv_norm(kernel: Array, u: Array, n_iter: int, *, strides=1,
     """Power iteration on the convolution operator acting on inputs shaped like ``u``.
 
     ``u`` has shape ``(1, H, W, C_in)``: the operator is the convolution at that spatial
-    size with the given zero padding, and its transpose is the exact adjoint.
+    size with the given zero padding, and its transpose is the exact adjoint. With unit
+    strides and ``"SAME"`` / ``"CIRCULAR"`` padding the operator is applied as
+    ``conv2d_patches`` (matrix products; fast when vmapped over many kernels).
     """
-    return operator_norm(lambda v: conv2d(v, kernel, strides=strides, padding=padding),
-                         u, n_iter)
+    if isinstance(strides, int):
+        strides = (strides, strides)
+    if _is_unit_stride(strides) and padding in ("SAME", "CIRCULAR"):
+        op = lambda v: conv2d_patches(v, kernel, padding=padding)
+    else:
+        op = lambda v: conv2d(v, kernel, strides=strides, padding=padding)
+    return operator_norm(op, u, n_iter)
 
 
 def conv_singular_values(kernel: Array, spatial_shape: Sequence[int]) -> Array:

@@ -187,3 +187,73 @@ def test_zero_initialized_layer_keeps_a_live_power_iteration_vector(x64):
     _, state = layer.apply(big, x, train=True, mutable=["spectral"])
     kernel, _ = layer.apply({**big, **state}, x, method="weights")
     assert np.linalg.norm(np.asarray(kernel), 2) == pytest.approx(0.5, rel=1e-6)
+
+
+@pytest.mark.parametrize("padding", ["SAME", "CIRCULAR"])
+@pytest.mark.parametrize("ksize", [(1, 1), (2, 2), (3, 3), (5, 3)])
+def test_conv2d_patches_equals_conv2d(x64, padding, ksize):
+    k1, k2 = jax.random.split(jax.random.key(11))
+    kernel = jax.random.normal(k1, ksize + (3, 4), jnp.float64)
+    x = jax.random.normal(k2, (2, 6, 7, 3), jnp.float64)
+    expected = lipschitz.conv2d(x, kernel, padding=padding)
+    got = lipschitz.conv2d_patches(x, kernel, padding=padding)
+    assert got.shape == expected.shape == (2, 6, 7, 4)
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
+    # The transposes (what the power iteration applies) agree as well.
+    cot = jax.random.normal(jax.random.key(12), expected.shape, jnp.float64)
+    t_expected = jax.vjp(lambda v: lipschitz.conv2d(v, kernel, padding=padding), x)[1](cot)
+    t_got = jax.vjp(lambda v: lipschitz.conv2d_patches(v, kernel, padding=padding), x)[1](cot)
+    np.testing.assert_allclose(t_got[0], t_expected[0], rtol=1e-12, atol=1e-12)
+
+
+def test_conv2d_patches_rejects_other_paddings():
+    with pytest.raises(ValueError, match="padding"):
+        lipschitz.conv2d_patches(jnp.ones((1, 4, 4, 1)), jnp.ones((3, 3, 1, 1)),
+                                 padding="VALID")
+
+
+@pytest.mark.parametrize("padding", ["SAME", "VALID", "CIRCULAR"])
+def test_conv2d_1x1_einsum_path_equals_lax_conv(x64, padding):
+    k1, k2 = jax.random.split(jax.random.key(13))
+    kernel = jax.random.normal(k1, (1, 1, 5, 3), jnp.float64)
+    x = jax.random.normal(k2, (2, 4, 6, 5), jnp.float64)
+    got = lipschitz.conv2d(x, kernel, padding=padding)
+    lax_padding = "SAME" if padding == "CIRCULAR" else padding
+    expected = jax.lax.conv_general_dilated(x, kernel, (1, 1), lax_padding,
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                            precision="highest")
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
+    # Strided 1x1 convolutions keep the lax.conv path and still agree.
+    got_s = lipschitz.conv2d(x, kernel, strides=2, padding=padding)
+    expected_s = jax.lax.conv_general_dilated(x, kernel, (2, 2), lax_padding,
+                                              dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                              precision="highest")
+    np.testing.assert_allclose(got_s, expected_s, rtol=1e-12, atol=1e-12)
+
+
+def test_conv_norm_patches_path_matches_dense_svd_under_vmap(x64):
+    kernels = jax.random.normal(jax.random.key(14), (3, 3, 3, 2, 4), jnp.float64)
+    u0 = jnp.ones((3, 1, 5, 5, 2))
+    sigmas, _ = jax.vmap(lambda k, u: lipschitz.conv_norm(k, u, 1000))(kernels, u0)
+    for k, s in zip(kernels, sigmas):
+        dense = np.asarray(lipschitz.conv_dense_matrix(k, (5, 5)))
+        np.testing.assert_allclose(s, np.linalg.svd(dense, compute_uv=False)[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("padding", ["SAME", "CIRCULAR"])
+def test_conv2d_widening_kernel_path_equals_lax_conv(x64, padding):
+    """``conv2d`` with C_in < C_out (computed from patches) is the same convolution."""
+    k1, k2 = jax.random.split(jax.random.key(15))
+    kernel = jax.random.normal(k1, (3, 3, 2, 5), jnp.float64)
+    x = jax.random.normal(k2, (2, 5, 6, 2), jnp.float64)
+    got = lipschitz.conv2d(x, kernel, padding=padding)
+    if padding == "CIRCULAR":
+        xp = jnp.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)], mode="wrap")
+        expected = jax.lax.conv_general_dilated(xp, kernel, (1, 1), "VALID",
+                                                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                                precision="highest")
+    else:
+        expected = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
+                                                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                                precision="highest")
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)

@@ -163,6 +163,8 @@ class IResNetFeatures(nn.Module):
         before every nonlinearity, the BatchNorm baseline) or ``"none"``.
       logdet: log-det estimator (``"none"`` for classification).
       remat: rematerialize each block in the backward pass.
+      unroll: blocks per iteration of each stage's compiled loop (``flow.BlockStack``).
+      inverse_tol, inverse_max_iter, inverse_method: fixed-point inverse settings.
 
     ``__call__(x, *, train=False) -> (features, log_det)``; ``inverse(features) -> x``.
     With ``pad_channels > 0`` the map is injective, not bijective, and ``log_det`` covers
@@ -179,9 +181,11 @@ class IResNetFeatures(nn.Module):
     norm: str = "actnorm"
     logdet: logdet_lib.LogDetConfig = logdet_lib.LogDetConfig("none")
     remat: bool = False
+    unroll: int = 1
     padding: str = "SAME"
     inverse_tol: float = 1e-6
     inverse_max_iter: int = 100
+    inverse_method: str = "plain"
 
     def setup(self):
         if self.norm not in NORMS:
@@ -197,11 +201,13 @@ class IResNetFeatures(nn.Module):
                 stack = self._batchnorm_stack(n_blocks, width, first=(i == 0))
             else:
                 stack = block_stack(
-                    n_blocks, i == 0, self.remat, hidden=width, coeff=self.coeff,
+                    n_blocks, i == 0, self.remat, self.unroll, hidden=width,
+                    coeff=self.coeff,
                     n_power_iter=self.n_power_iter, activation=self.activation,
                     logdet=self.logdet, padding=self.padding,
                     actnorm="before" if self.norm == "actnorm" else None,
-                    inverse_tol=self.inverse_tol, inverse_max_iter=self.inverse_max_iter)
+                    inverse_tol=self.inverse_tol, inverse_max_iter=self.inverse_max_iter,
+                    inverse_method=self.inverse_method)
             stacks.append(stack)
         self.stacks = stacks
         self._squeeze = squeeze

@@ -65,18 +65,19 @@ def conv_block(*, hidden: int, coeff: float | None, n_power_iter: int, activatio
                                   inverse_method=inverse_method)
 
 
-def block_stack(n: int, first_without_activation: bool, remat: bool, **block_kw
-                ) -> nn.Module:
+def block_stack(n: int, first_without_activation: bool, remat: bool, unroll: int = 1,
+                **block_kw) -> nn.Module:
     """``n`` blocks as one ``nn.scan``; a network's first block (no leading activation)
-    is applied on its own before the scanned rest."""
+    is applied on its own before the scanned rest. ``unroll``: blocks per iteration of the
+    compiled loop (``flow.BlockStack``)."""
     if n < 1:
         raise ValueError(f"a stage needs at least one block, got {n}")
     if not first_without_activation:
         return flow.BlockStack(conv_block(leading_activation=True, **block_kw), n=n,
-                               remat=remat)
+                               remat=remat, unroll=min(unroll, n))
     first = conv_block(leading_activation=False, **block_kw)
     if n == 1:
         return flow.Chain([first])
     rest = flow.BlockStack(conv_block(leading_activation=True, **block_kw), n=n - 1,
-                           remat=remat)
+                           remat=remat, unroll=min(unroll, n - 1))
     return flow.Chain([first, rest])

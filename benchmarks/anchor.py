@@ -1,0 +1,353 @@
+"""Speed benchmark against the official PyTorch i-ResNet at the ANCHORS.md configuration.
+
+Builds the two ANCHORS.md models (``models.build("anchors_density")``: 51,680 parameters;
+``models.build("anchors_classifier")``: 214,650) at batch 64 on MNIST-shaped inputs
+(28x28x1) and prints one JSON object with the steady-state seconds per call (median over
+``--repeats`` calls after ``--warmup``), the compile seconds (``*.compile``) and, for the
+inverses, the max abs reconstruction error (``*.recon_error``) of:
+
+* ``density.forward``: evaluation forward to the latent ``z`` (no log-det);
+* ``density.train``: one training forward + backward without the log-det;
+* ``density.train_logdet``: the same with the 5-term power series (one Gaussian probe,
+  gradient by differentiating through the series), loss = mean bits/dim;
+* ``density.train_logdet_neumann``: the same estimate with the Neumann-series gradient
+  (``LogDetConfig("series", n_terms=5, gradient="neumann")``);
+* ``density.inverse20``: the inverse with 20 fixed-point iterations per block
+  (``tol=0, max_iter=20``);
+* ``density.inverse_tol``: the inverse to a max reconstruction error of 1e-6 with a
+  convergence test, the faster of the plain iteration and Anderson acceleration (both
+  reported as ``*.inverse_tol_plain`` / ``*.inverse_tol_anderson``);
+* the classifier's ``forward``, ``train`` (cross-entropy), ``inverse20``, ``inverse_tol``.
+
+What a "training step" is here: exactly what the reference's "forward + backward" times:
+the training forward (``train=True``: 5 power iterations per spectrally normalized conv,
+state update of the power-iteration vectors and, for the classifier, BatchNorm
+statistics), the loss, and the gradient with respect to every parameter. The optimizer
+update is *not* included (it is a few elementwise ops over 50k-215k parameters);
+``density.train_logdet_step`` (with ``--with_step``) times the library's whole jitted training step
+(``train.steps.make_train_step``: dequantization, the same loss and gradient, Adamax
+update, state donated) for comparison.
+
+Also reported: ``matmul_gflops`` (a float32 1024x1024 matmul through XLA, measured in the
+same run), ``density.train_logdet.flops`` (XLA's count) and the FLOP rate it implies, the
+reference times of ANCHORS.md (``reference.*``) and our time as a fraction of the
+reference's (``ratio.*``), the log-det overhead, and the load average before and after.
+On a shared machine ``machine_share`` (this run's matmul rate over the 239 GFLOP/s of
+ANCHORS.md) and ``ratio_load_adjusted.*`` (ratio times that share) give a rough estimate
+of the ratios on an unloaded machine; they are estimates, not measurements.
+
+    python -m benchmarks.anchor                      # everything (a few minutes)
+    python -m benchmarks.anchor --only density.train_logdet,classifier.train
+
+Nothing is asserted. Timings on a shared machine: compare ratios from one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from benchmarks.timing import compile_and_time, matmul_gflops
+from iresnet_jax import logdet as logdet_lib
+from iresnet_jax import models
+from iresnet_jax.models import density as density_lib
+from iresnet_jax.train import steps
+from iresnet_jax.train.state import TrainState
+
+BATCH = 64
+SHAPE = (28, 28, 1)
+DIM = 28 * 28
+N_BINS = 256
+
+# ANCHORS.md: the official PyTorch i-ResNet on a 2-core CPU (torch 2.13, 2 threads,
+# float32, batch 64), medians over 15 runs, seconds per call.
+REFERENCE = {
+    "density.forward": 0.0220,
+    "density.train": 0.0412,
+    "density.train_logdet": 0.2173,
+    "density.inverse20": 0.1675,
+    "classifier.forward": 0.0301,
+    "classifier.train": 0.1209,
+    "classifier.inverse20": 0.5406,
+}
+REFERENCE_RECON_ERROR = 2.7e-7
+# ANCHORS.md: this kind of machine's float32 matmul rate through XLA when not shared.
+REFERENCE_MATMUL_GFLOPS = 239.0
+# ANCHORS.md goals as fractions of the reference's time (inverse_tol: of its inverse20).
+GOALS = {
+    "density.train_logdet": 0.6,
+    "density.train_logdet_neumann": 0.4,
+    "density.train": 0.8,
+    "density.forward": 0.4,
+    "classifier.train": 1.0,
+    "density.inverse20": 0.67,
+    "classifier.inverse20": 0.67,
+    "density.inverse_tol": 0.17,
+    "classifier.inverse_tol": 0.17,
+}
+RECON_TOL = 1e-6
+# Per-block convergence tolerance on the fixed-point step max|x^k - x^{k-1}| that keeps
+# the max reconstruction error of the whole model below RECON_TOL (an absolute step: the
+# classifier's features are larger than float32 steps of 2e-7 can resolve, so a step
+# below 2e-7 is never reached there and the loop would run to max_iter).
+STEP_TOL = {"density": 2e-7, "classifier": 1e-6}
+
+SERIES = logdet_lib.LogDetConfig("series", n_terms=5)
+NEUMANN = logdet_lib.LogDetConfig("series", n_terms=5, gradient="neumann")
+NONE = logdet_lib.LogDetConfig("none")
+
+
+def _data():
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, N_BINS, (BATCH,) + SHAPE).astype(np.float32)
+    x = np.asarray(density_lib.dequantize(jax.random.key(7), jnp.asarray(pixels), N_BINS))
+    labels = rng.integers(0, 10, (BATCH,)).astype(np.int32)
+    return jnp.asarray(pixels), jnp.asarray(x), jnp.asarray(labels)
+
+
+def _record(results, name, r, extra=None):
+    results[name] = r["median"]
+    results[f"{name}.min"] = r["min"]
+    results[f"{name}.compile"] = r["compile"]
+    if extra:
+        results.update({f"{name}.{k}": v for k, v in extra.items()})
+    print(f"{name}: {r['median']:.4f} s (min {r['min']:.4f}, compile {r['compile']:.1f} s)",
+          flush=True)
+
+
+def _inverse_iterations(inter) -> float:
+    """Mean over blocks of the largest per-example iteration count."""
+    leaves = [np.asarray(a) for p, a in jax.tree_util.tree_leaves_with_path(inter)
+              if "inverse_iterations" in jax.tree_util.keystr(p)]
+    per_block = []
+    for a in leaves:
+        a = a.reshape((-1, a.shape[-1])) if a.ndim > 1 else a[None]
+        per_block.extend(a.max(axis=-1).tolist())
+    return float(np.mean(per_block)) if per_block else float("nan")
+
+
+def _time_inverse(results, name, model, variables, z, x, repeats, warmup):
+    def invert(v, z):
+        out, inter = model.apply(v, z, method="inverse", mutable=["intermediates"])
+        return out, inter
+
+    r = compile_and_time(invert, variables, z, repeats=repeats, warmup=warmup)
+    x_rec, inter = r["output"]
+    _record(results, name, r, {
+        "recon_error": float(jnp.max(jnp.abs(x_rec - x))),
+        "iterations_per_block": _inverse_iterations(inter)})
+
+
+def _tol_variants(results, prefix, build, variables, z, x, repeats, warmup, wanted):
+    name = f"{prefix}.inverse_tol"
+    if not wanted(name):
+        return
+    for method in ("plain", "anderson"):
+        model = build(inverse_tol=STEP_TOL[prefix], inverse_max_iter=100, inverse_method=method)
+        _time_inverse(results, f"{name}_{method}", model, variables, z, x, repeats, warmup)
+    best = min(("plain", "anderson"), key=lambda m: results[f"{name}_{m}"])
+    results[name] = results[f"{name}_{best}"]
+    results[f"{name}.method"] = best
+    for field in ("compile", "recon_error", "iterations_per_block", "min"):
+        results[f"{name}.{field}"] = results[f"{name}_{best}.{field}"]
+
+
+def density_benchmarks(results, repeats, warmup, wanted, with_step=False):
+    pixels, x, _ = _data()
+
+    def build(**kw):
+        return models.build("anchors_density", **kw)
+
+    base = build()
+    variables = jax.jit(base.init)({"params": jax.random.key(0),
+                                    "logdet": jax.random.key(1)}, x)
+    results["density.num_params"] = models.count_params(variables["params"])
+    params = variables["params"]
+    model_state = {k: v for k, v in variables.items() if k != "params"}
+    rngs = {"logdet": jax.random.key(2)}
+
+    plain = base.clone(logdet=NONE)
+    if wanted("density.forward"):
+        r = compile_and_time(lambda v, x: plain.apply(v, x)[0], variables, x,
+                             repeats=repeats, warmup=warmup)
+        _record(results, "density.forward", r)
+
+    for name, cfg in (("density.train", NONE), ("density.train_logdet", SERIES),
+                      ("density.train_logdet_neumann", NEUMANN)):
+        if not wanted(name):
+            continue
+        model = base.clone(logdet=cfg)
+
+        def loss(params, state, x, model=model):
+            log_prob, new_state = model.apply(
+                {"params": params, **state}, x, train=True, mutable=["spectral"],
+                rngs=rngs, method="log_prob")
+            return jnp.mean(density_lib.bits_per_dim(log_prob, DIM, N_BINS)), new_state
+
+        grad_fn = jax.value_and_grad(loss, has_aux=True)
+        r = compile_and_time(grad_fn, params, model_state, x, repeats=repeats, warmup=warmup)
+        extra = {"loss_bits_per_dim": float(r["output"][0][0])}
+        if r["flops"]:
+            extra["flops"] = r["flops"]
+            extra["gflops_per_s"] = r["flops"] / r["median"] / 1e9
+        _record(results, name, r, extra)
+
+    if with_step and wanted("density.train_logdet_step"):
+        model = base.clone(logdet=SERIES)
+        state = TrainState.create(params=params, model_state=model_state,
+                                  tx=optax.adamax(0.003),
+                                  rng=jax.random.key_data(jax.random.key(3)))
+        step = steps.make_train_step(model, "density", n_bins=N_BINS, dim=DIM)
+        r = compile_and_time(lambda s, b: step(s, b)[1], state, {"image": pixels},
+                             repeats=repeats, warmup=warmup)
+        _record(results, "density.train_logdet_step", r)
+
+    need_z = any(wanted(f"density.{k}") for k in ("inverse20", "inverse_tol"))
+    if need_z:
+        z = jax.jit(lambda v, x: plain.apply(v, x)[0])(variables, x)
+    if wanted("density.inverse20"):
+        model = build(logdet_method="none", inverse_tol=0.0, inverse_max_iter=20)
+        _time_inverse(results, "density.inverse20", model, variables, z, x, repeats, warmup)
+    if need_z:
+        _tol_variants(results, "density", lambda **kw: build(logdet_method="none", **kw),
+                      variables, z, x, repeats, warmup, wanted)
+
+
+def classifier_benchmarks(results, repeats, warmup, wanted):
+    _, x, labels = _data()
+
+    def build(**kw):
+        return models.build("anchors_classifier", **kw)
+
+    base = build()
+    variables = jax.jit(base.init)({"params": jax.random.key(0)}, x)
+    results["classifier.num_params"] = models.count_params(variables["params"])
+    params = variables["params"]
+    model_state = {k: v for k, v in variables.items() if k != "params"}
+
+    if wanted("classifier.forward"):
+        r = compile_and_time(lambda v, x: base.apply(v, x), variables, x,
+                             repeats=repeats, warmup=warmup)
+        _record(results, "classifier.forward", r)
+
+    if wanted("classifier.train"):
+        def loss(params, state, x, labels):
+            logits, new_state = base.apply({"params": params, **state}, x, train=True,
+                                           mutable=["spectral", "batch_stats"])
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+            return jnp.mean(ce), new_state
+
+        grad_fn = jax.value_and_grad(loss, has_aux=True)
+        r = compile_and_time(grad_fn, params, model_state, x, labels, repeats=repeats,
+                             warmup=warmup)
+        extra = {}
+        if r["flops"]:
+            extra = {"flops": r["flops"], "gflops_per_s": r["flops"] / r["median"] / 1e9}
+        _record(results, "classifier.train", r, extra)
+
+    if any(wanted(f"classifier.{k}") for k in ("inverse20", "inverse_tol")):
+        z = jax.jit(lambda v, x: base.apply(v, x, method="features"))(variables, x)
+        if wanted("classifier.inverse20"):
+            model = build(inverse_tol=0.0, inverse_max_iter=20)
+            _time_inverse(results, "classifier.inverse20", model, variables, z, x, repeats,
+                          warmup)
+        _tol_variants(results, "classifier", build, variables, z, x, repeats, warmup,
+                      wanted)
+
+
+def summarize(results):
+    """Adds the reference times, our ratios, the log-det overhead and the FLOP rate."""
+    for name, ref in REFERENCE.items():
+        results[f"reference.{name}"] = ref
+    results["reference.recon_error"] = REFERENCE_RECON_ERROR
+    ratios = {}
+    for name in GOALS:
+        if name not in results:
+            continue
+        if name.endswith("inverse_tol"):
+            ref = REFERENCE[name.replace("inverse_tol", "inverse20")]
+        elif name.endswith("neumann"):
+            ref = REFERENCE["density.train_logdet"]
+        else:
+            ref = REFERENCE[name]
+        ratios[name] = results[name] / ref
+        results[f"ratio.{name}"] = ratios[name]
+        results[f"goal.{name}"] = GOALS[name]
+    if results.get("matmul_gflops"):
+        # A rough correction for a shared machine: our time scaled by the fraction of the
+        # unloaded matmul rate this run got. An estimate, not a measurement.
+        share = results["matmul_gflops"] / REFERENCE_MATMUL_GFLOPS
+        results["machine_share"] = share
+        for name, ratio in ratios.items():
+            results[f"ratio_load_adjusted.{name}"] = ratio * share
+    if "classifier.forward" in results:
+        results["ratio.classifier.forward"] = (results["classifier.forward"]
+                                               / REFERENCE["classifier.forward"])
+    if "density.train" in results:
+        for name in ("density.train_logdet", "density.train_logdet_neumann"):
+            if name in results:
+                results[f"logdet_overhead.{name.split('.')[1]}"] = (results[name]
+                                                                    / results["density.train"])
+    flops = results.get("density.train_logdet.flops")
+    if flops and "matmul_gflops" in results:
+        results["density.train_logdet.fraction_of_matmul_rate"] = (
+            results["density.train_logdet.gflops_per_s"] / results["matmul_gflops"])
+    compiles = [v for k, v in results.items() if k.endswith(".compile")]
+    if compiles:
+        results["max_compile_seconds"] = max(compiles)
+    return ratios
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--only", default="",
+                        help="comma-separated keys or groups, e.g. "
+                             "density.train,classifier (default: everything)")
+    parser.add_argument("--with_step", action="store_true",
+                        help="also time the library's whole training step "
+                             "(density.train_logdet_step; one more long compile)")
+    parser.add_argument("--output", default="", help="also write the JSON to this file")
+    args = parser.parse_args(argv)
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+
+    def wanted(name):
+        """Whether ``name`` (a key or a group such as "density") is to be measured."""
+        return not only or any(name == o or name.startswith(o + ".")
+                               or o.startswith(name + ".") for o in only)
+
+    results = {"backend": jax.default_backend(), "device": str(jax.devices()[0]),
+               "machine": platform.machine(), "cpu_count": os.cpu_count(),
+               "jax": jax.__version__, "batch": BATCH, "repeats": args.repeats,
+               "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+               "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
+               "optimizer_update_included": False}
+    t0 = time.time()
+    results["matmul_gflops"] = matmul_gflops()
+    print(f"matmul: {results['matmul_gflops']:.1f} GFLOP/s", flush=True)
+    if wanted("density"):
+        density_benchmarks(results, args.repeats, args.warmup, wanted, args.with_step)
+    if wanted("classifier"):
+        classifier_benchmarks(results, args.repeats, args.warmup, wanted)
+    results["matmul_gflops_at_end"] = matmul_gflops()
+    results["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
+    results["wall_seconds"] = time.time() - t0
+    summarize(results)
+    text = json.dumps(results, indent=1, sort_keys=True)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
