@@ -3,8 +3,9 @@ r"""i-ResNet against the Glow baseline on toy densities, at equal depth and step
     python -m experiments.toy_compare --workdir=runs/toy_compare
 
 Trains each model on each dataset with ``toy_default``'s budget (override any field with
-``--config.<field>=...``), then writes ``compare.json`` and ``compare.md`` (a Markdown table
-of test NLL, the true NLL where known, and wall time) into --workdir and prints the table.
+``--config.<field>=...``; the Glow runs use their own learning rate,
+``--glow_learning_rate``), then writes ``compare.json`` and ``compare.md`` (a Markdown
+table of test NLL, the true NLL where known, and wall time) into --workdir and prints it.
 Each run lives in ``<workdir>/<dataset>_<model>`` and resumes if interrupted.
 """
 
@@ -16,6 +17,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from experiments.configs import toy_glow
 from iresnet_jax.train import toy
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -24,6 +26,12 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
 _DATASETS = flags.DEFINE_list("datasets", ["8gaussians", "checkerboard", "2spirals"],
                               "Toy datasets to compare on.")
 _MODELS = flags.DEFINE_list("models", ["iresnet", "glow"], "Models to compare.")
+_GLOW_LR = flags.DEFINE_float(
+    "glow_learning_rate", toy_glow.get_config().learning_rate,
+    "Peak learning rate of the Glow runs (the base config's rate is the i-ResNet's; "
+    "Glow, without a Lipschitz constraint, diverges at it).")
+_GLOW_B2 = flags.DEFINE_float("glow_adam_b2", toy_glow.get_config().adam_b2,
+                              "Adam's b2 for the Glow runs.")
 
 
 def table(rows) -> str:
@@ -50,6 +58,9 @@ def main(argv):
             config = _CONFIG.value.copy_and_resolve_references()
             config.dataset = dataset
             config.model = model
+            if model == "glow":
+                config.learning_rate = _GLOW_LR.value
+                config.adam_b2 = _GLOW_B2.value
             run_dir = os.path.join(_WORKDIR.value, f"{dataset}_{model}")
             rows.append(toy.train_and_evaluate(config, run_dir))
     md = table(rows)
