@@ -26,11 +26,12 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
 _DATASETS = flags.DEFINE_list("datasets", ["8gaussians", "checkerboard", "2spirals"],
                               "Toy datasets to compare on.")
 _MODELS = flags.DEFINE_list("models", ["iresnet", "glow"], "Models to compare.")
+_GLOW_DEFAULTS = toy_glow.get_config()
 _GLOW_LR = flags.DEFINE_float(
-    "glow_learning_rate", toy_glow.get_config().learning_rate,
+    "glow_learning_rate", _GLOW_DEFAULTS.learning_rate,
     "Peak learning rate of the Glow runs (the base config's rate is the i-ResNet's; "
     "Glow, without a Lipschitz constraint, diverges at it).")
-_GLOW_B2 = flags.DEFINE_float("glow_adam_b2", toy_glow.get_config().adam_b2,
+_GLOW_B2 = flags.DEFINE_float("glow_adam_b2", _GLOW_DEFAULTS.adam_b2,
                               "Adam's b2 for the Glow runs.")
 
 

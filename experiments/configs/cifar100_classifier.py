@@ -14,9 +14,4 @@ from experiments.configs import common
 
 
 def get_config():
-    c = common.classification("cifar100", "paper_cifar100_classifier")
-    c.normalization = "standardize"
-    c.augment.shift = 4
-    c.augment.flip = True
-    c.augment.pad_mode = "symmetric"
-    return c
+    return common.cifar_classification("cifar100")

@@ -43,6 +43,17 @@ def classification(dataset: str, preset: str) -> ml_collections.ConfigDict:
     return c
 
 
+def cifar_classification(dataset: str) -> ml_collections.ConfigDict:
+    """The paper's 39-block classifier on ``dataset`` (cifar10 or cifar100): the paper's
+    classification settings with standardized inputs, 4-pixel shifts and flips."""
+    c = classification(dataset, f"paper_{dataset}_classifier")
+    c.normalization = "standardize"
+    c.augment.shift = 4
+    c.augment.flip = True
+    c.augment.pad_mode = "symmetric"
+    return c
+
+
 def density(dataset: str, preset: str) -> ml_collections.ConfigDict:
     """Paper density settings: Adamax lr 0.003, 200 epochs, no weight decay (official
     script), one warm-up epoch."""
