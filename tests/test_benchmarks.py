@@ -1,0 +1,28 @@
+"""Smoke tests of the benchmark scripts' building blocks (their numbers are not asserted,
+only that they measure what they claim on tiny models)."""
+
+import math
+
+import jax
+import numpy as np
+
+from benchmarks import accelerator
+from iresnet_jax import models
+
+
+def test_time_train_step_runs_the_library_step_and_reports_memory():
+    model = models.build("digits_classifier", stages=(1, 1, 1), hidden=4)
+    r = accelerator.time_train_step(model, "classification", 4, (8, 8, 1), repeats=2)
+    assert r["batch"] == 4 and r["params"] > 0
+    assert math.isfinite(r["loss"]) and r["step_seconds"] > 0
+    assert r["examples_per_second"] == 4 / r["step_seconds"]
+
+
+def test_precision_check_reconstructs_on_cpu_at_both_precisions():
+    r = accelerator.precision_check("digits_density", dict(blocks_per_scale=(1, 1, 1),
+                                                           hidden=8), 2, (8, 8, 1))
+    if jax.default_backend() == "cpu":   # no TF32 on CPU: both precisions are float32
+        assert r["default"]["recon_max_abs_error"] < 1e-5
+        assert r["log_prob_difference_default_vs_highest"] < 1e-3
+    assert r["highest"]["recon_max_abs_error"] < 1e-5
+    assert np.isfinite(r["default"]["log_prob_first"])
