@@ -15,8 +15,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model = "iresnet"
     c.seed = 0
     # Architecture: blocks x + g(x), g an MLP with ELU, ActNorm after each block.
-    c.n_blocks = 20
-    c.hidden = (64, 64, 64)
+    c.n_blocks = 30
+    c.hidden = (48, 48)
     c.coeff = 0.99
     c.n_power_iter = 1
     c.activation = "elu"
@@ -25,7 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.inverse_tol = 1e-5
     c.inverse_max_iter = 200
     # Optimization.
-    c.num_steps = 12000
+    c.num_steps = 24000
     c.batch_size = 125
     c.learning_rate = 1e-1
     c.adam_b1 = 0.9
