@@ -273,7 +273,9 @@ class InvertibleBlock(nn.Module):
         (toy densities) or ``None``.
       logdet: how ``ln det(I + J_g)`` is computed (``logdet.LogDetConfig``); the power
         series draws its probes from the rng stream ``"logdet"``.
-      inverse_tol, inverse_max_iter, inverse_method: settings of the fixed-point inverse.
+      inverse_tol, inverse_max_iter, inverse_method, inverse_rtol: settings of the
+        fixed-point inverse (``inverse.fixed_point``'s ``tol``, ``max_iter``, ``method``,
+        ``rtol``).
 
     ``__call__(x, *, train=False) -> (y, log_det)``; ``inverse(y) -> x``. The inverse sows
     its per-example iteration counts and residuals into the ``"intermediates"``
@@ -292,6 +294,7 @@ class InvertibleBlock(nn.Module):
     inverse_tol: float = 1e-6
     inverse_max_iter: int = 100
     inverse_method: str = "plain"
+    inverse_rtol: float = 0.0
 
     def setup(self):
         if self.actnorm not in ACTNORM_POSITIONS:
@@ -345,7 +348,8 @@ class InvertibleBlock(nn.Module):
         g = self.branch.build(prepared)
         x, info = inverse_lib.fixed_point(g, y, tol=self.inverse_tol,
                                           max_iter=self.inverse_max_iter,
-                                          method=self.inverse_method)
+                                          method=self.inverse_method,
+                                          rtol=self.inverse_rtol)
         self.sow("intermediates", "inverse_iterations", info.iterations)
         self.sow("intermediates", "inverse_residual", info.residual)
         if self.actnorm == "before":

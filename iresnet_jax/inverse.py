@@ -64,7 +64,7 @@ def _bcast(mask: Array, like: Array) -> Array:
     return mask.reshape(mask.shape + (1,) * (like.ndim - 1))
 
 
-def _plain_solve(g, y, tol, max_iter):
+def _plain_solve(g, y, tol, max_iter, rtol=0.0):
     batch = y.shape[0]
 
     def cond(state):
@@ -79,7 +79,7 @@ def _plain_solve(g, y, tol, max_iter):
         x = jnp.where(_bcast(active, x), x_new, x)
         iters = jnp.where(active, k + 1, iters)
         res = jnp.where(active, step, res)
-        done = jnp.logical_or(done, step <= tol)
+        done = jnp.logical_or(done, step <= tol + rtol * _max_abs(x_new))
         return k + 1, x, done, iters, res
 
     init = (jnp.zeros((), jnp.int32), y, jnp.zeros((batch,), bool),
@@ -132,7 +132,7 @@ def _norm2(a: Array) -> Array:
     return jnp.sqrt(jnp.sum(jnp.square(a.reshape(a.shape[0], -1)), axis=-1))
 
 
-def _anderson_solve(g, y, tol, max_iter, memory=5, reg=None):
+def _anderson_solve(g, y, tol, max_iter, memory=5, reg=None, rtol=0.0):
     """Safeguarded Anderson acceleration, one evaluation of ``g`` per iteration.
 
     Per example, the state is an accepted point ``x`` with its image ``f(x) = y - g(x)``
@@ -187,7 +187,7 @@ def _anderson_solve(g, y, tol, max_iter, memory=5, reg=None):
         rz2, rz_inf = _norm2(step), _max_abs(step)
         accept = jnp.logical_or(
             use_plain, jnp.logical_and(jnp.isfinite(rz2), rz2 <= ANDERSON_DECREASE * r2))
-        converged_now = rz_inf <= tol
+        converged_now = rz_inf <= tol + rtol * _max_abs(fz)
         active = jnp.logical_not(done)
         upd = jnp.logical_and(active, accept)
         # History: push the accepted pair, or restart from the current point.
@@ -215,7 +215,7 @@ def _anderson_solve(g, y, tol, max_iter, memory=5, reg=None):
                   jnp.ones((batch,), bool))
     res0 = _max_abs(step0)
     init = (jnp.ones((), jnp.int32), y, fy, _norm2(step0), xs, fs,
-            jnp.ones((batch,), jnp.int32), jnp.zeros((batch,), bool), fy, res0 <= tol,
+            jnp.ones((batch,), jnp.int32), jnp.zeros((batch,), bool), fy, res0 <= tol + rtol * _max_abs(fy),
             jnp.ones((batch,), jnp.int32), res0)
     state = lax.while_loop(cond, body, init)
     _, _, _, _, _, _, _, _, out, done, iters, res = state
@@ -223,10 +223,11 @@ def _anderson_solve(g, y, tol, max_iter, memory=5, reg=None):
 
 
 def _solve(g, y, tol, max_iter, method):
+    tol, rtol = tol if isinstance(tol, tuple) else (tol, 0.0)
     with jax.default_matmul_precision("float32"):
         if method == "plain":
-            return _plain_solve(g, y, tol, max_iter)
-        return _anderson_solve(g, y, tol, max_iter)
+            return _plain_solve(g, y, tol, max_iter, rtol=rtol)
+        return _anderson_solve(g, y, tol, max_iter, rtol=rtol)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
@@ -268,7 +269,7 @@ def _raise_if_not_converged(converged, residual, iterations, max_iter, tol):
 
 def fixed_point(g: Callable[[Array], Array], y: Array, *, tol: float = 1e-6,
                 max_iter: int = 100, checked: bool = False,
-                method: str = "plain") -> tuple[Array, FixedPointInfo]:
+                method: str = "plain", rtol: float = 0.0) -> tuple[Array, FixedPointInfo]:
     """Solves ``x + g(x) = y`` for each example by fixed-point iteration (Algorithm 1).
 
     Args:
@@ -284,6 +285,11 @@ def fixed_point(g: Callable[[Array], Array], y: Array, *, tol: float = 1e-6,
         acceleration; one evaluation of ``g`` per iteration, per-example histories;
         converges for every contraction, see ``_anderson_solve``). The gradient's linear
         solve uses the same method.
+      rtol: relative tolerance: an example also stops once its step is ``<= tol + rtol *
+        max|x^{k+1}|``. Float32 steps cannot fall far below ``1.2e-7 * max|x|``, so for
+        large activations an absolute ``tol`` alone may never be met; ``rtol=1e-6`` with
+        ``tol=0`` adapts the test to each example's scale. The gradient's solve applies
+        the same test to its own iterate.
 
     Returns:
       ``(x, info)`` with ``info`` a ``FixedPointInfo`` of per-example arrays.
@@ -301,13 +307,16 @@ def fixed_point(g: Callable[[Array], Array], y: Array, *, tol: float = 1e-6,
         raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
     if not tol >= 0:
         raise ValueError(f"tol must be >= 0, got {tol!r}")
+    if not rtol >= 0:
+        raise ValueError(f"rtol must be >= 0, got {rtol!r}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     out = jax.eval_shape(g, y)
     if out.shape != y.shape:
         raise ValueError(f"g must preserve the shape of its input: {y.shape} -> {out.shape}")
     g_conv, consts = jax.closure_convert(g, y)
-    x, info = _fixed_point(g_conv, float(tol), int(max_iter), method, y, *consts)
+    tols = (float(tol), float(rtol)) if rtol else float(tol)
+    x, info = _fixed_point(g_conv, tols, int(max_iter), method, y, *consts)
     info = FixedPointInfo(*(lax.stop_gradient(a) for a in info))
     if checked:
         if isinstance(info.converged, jax.core.Tracer):

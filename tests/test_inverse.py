@@ -168,6 +168,36 @@ def test_anderson_reaches_the_same_solution(x64, coeff):
         assert conv == (res <= 1e-8)
 
 
+@pytest.mark.parametrize("method", ["plain", "anderson"])
+def test_relative_tolerance_converges_where_float32_absolute_cannot(method):
+    """Features of size ~1e4 in float32: steps often stall near ~1e-4, so an
+    absolute tol of 1e-6 runs to max_iter and reports failure for some examples, while rtol=1e-6 stops each example
+    at its own scale with a relative error near float32 rounding."""
+    a = jax.random.normal(jax.random.key(30), (6, 6))
+    a = a / jnp.linalg.norm(a, 2)
+    g = lambda x: 0.8 * x @ a.T
+    y = 1e4 * jax.random.normal(jax.random.key(31), (5, 6))
+    _, info_abs = inverse.fixed_point(g, y, tol=1e-6, max_iter=300, method=method)
+    assert not bool(jnp.all(info_abs.converged))   # some stall at float32 rounding
+    x, info = inverse.fixed_point(g, y, tol=0.0, rtol=1e-6, max_iter=300, method=method)
+    assert bool(jnp.all(info.converged))
+    assert int(jnp.max(info.iterations)) < 300
+    exact = np.linalg.solve(np.eye(6) + 0.8 * np.asarray(a, np.float64),
+                            np.asarray(y, np.float64).T).T
+    rel = np.max(np.abs(np.asarray(x, np.float64) - exact), axis=-1) / np.max(
+        np.abs(exact), axis=-1)
+    assert np.all(rel < 2e-5)
+    # The gradient's linear solve uses the same test and matches the dense solve.
+    w = jax.random.normal(jax.random.key(32), (5, 6))
+    grad = jax.grad(lambda y: jnp.sum(w * inverse.fixed_point(
+        g, y, tol=0.0, rtol=1e-6, max_iter=300, method=method)[0]))(y)
+    expected = np.linalg.solve(np.eye(6) + 0.8 * np.asarray(a, np.float64).T,
+                               np.asarray(w, np.float64).T).T
+    np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="rtol"):
+        inverse.fixed_point(g, y, rtol=-1.0)
+
+
 def test_bad_arguments():
     g = lambda x: 0.5 * x
     with pytest.raises(ValueError, match="max_iter"):
