@@ -59,6 +59,7 @@ class BatchNormBlock(nn.Module):
     epsilon: float = 1e-5
     inverse_tol: float = 1e-6
     inverse_max_iter: int = 100
+    inverse_rtol: float = 0.0
 
     @nn.compact
     def parts(self, x: Array | jax.ShapeDtypeStruct, *, train: bool = False):
@@ -130,7 +131,8 @@ class BatchNormBlock(nn.Module):
         act = layers.activation_fn(self.activation)
         g_full = self._g(convs, norms, act, train=False)
         x, info = inverse_lib.fixed_point(lambda v: g_full(v)[0], y, tol=self.inverse_tol,
-                                          max_iter=self.inverse_max_iter)
+                                          max_iter=self.inverse_max_iter,
+                                          rtol=self.inverse_rtol)
         self.sow("intermediates", "inverse_iterations", info.iterations)
         self.sow("intermediates", "inverse_residual", info.residual)
         return x
@@ -164,7 +166,8 @@ class IResNetFeatures(nn.Module):
       logdet: log-det estimator (``"none"`` for classification).
       remat: rematerialize each block in the backward pass.
       unroll: blocks per iteration of each stage's compiled loop (``flow.BlockStack``).
-      inverse_tol, inverse_max_iter, inverse_method: fixed-point inverse settings.
+      inverse_tol, inverse_max_iter, inverse_method, inverse_rtol: fixed-point inverse
+        settings (``inverse.fixed_point``'s ``tol``, ``max_iter``, ``method``, ``rtol``).
 
     ``__call__(x, *, train=False) -> (features, log_det)``; ``inverse(features) -> x``.
     With ``pad_channels > 0`` the map is injective, not bijective, and ``log_det`` covers
@@ -186,6 +189,7 @@ class IResNetFeatures(nn.Module):
     inverse_tol: float = 1e-6
     inverse_max_iter: int = 100
     inverse_method: str = "plain"
+    inverse_rtol: float = 0.0
 
     def setup(self):
         if self.norm not in NORMS:
@@ -207,7 +211,7 @@ class IResNetFeatures(nn.Module):
                     logdet=self.logdet, padding=self.padding,
                     actnorm="before" if self.norm == "actnorm" else None,
                     inverse_tol=self.inverse_tol, inverse_max_iter=self.inverse_max_iter,
-                    inverse_method=self.inverse_method)
+                    inverse_method=self.inverse_method, inverse_rtol=self.inverse_rtol)
             stacks.append(stack)
         self.stacks = stacks
         self._squeeze = squeeze
@@ -218,7 +222,7 @@ class IResNetFeatures(nn.Module):
                              "LogDetConfig('none')")
         kw = dict(hidden=width, coeff=self.coeff, n_power_iter=self.n_power_iter,
                   activation=self.activation, inverse_tol=self.inverse_tol,
-                  inverse_max_iter=self.inverse_max_iter)
+                  inverse_max_iter=self.inverse_max_iter, inverse_rtol=self.inverse_rtol)
         if not first:
             return BlockStack(BatchNormBlock(**kw), n=n, remat=self.remat)
         head = BatchNormBlock(leading_activation=False, **kw)

@@ -102,7 +102,8 @@ class MultiscaleDensity(nn.Module):
         backward pass's residuals in loop buffers (the ANCHORS.md model: 4 blocks per
         scale, ``unroll=4``, trains about twice as fast on a 2-core CPU); compile time
         grows with it.
-      inverse_tol, inverse_max_iter, inverse_method: fixed-point inverse settings.
+      inverse_tol, inverse_max_iter, inverse_method, inverse_rtol: fixed-point inverse
+        settings (``inverse.fixed_point``'s ``tol``, ``max_iter``, ``method``, ``rtol``).
 
     Methods: ``__call__(x, *, train=False) -> (z, log_det)`` with flat ``z`` of shape
     ``(batch, D)``; ``inverse(z) -> x``; ``log_prob(x, *, train=False)``;
@@ -134,6 +135,7 @@ class MultiscaleDensity(nn.Module):
     inverse_tol: float = 1e-6
     inverse_max_iter: int = 100
     inverse_method: str = "plain"
+    inverse_rtol: float = 0.0
 
     def setup(self):
         if len(self.blocks_per_scale) != len(self.squeeze):
@@ -145,7 +147,7 @@ class MultiscaleDensity(nn.Module):
         block_kw = dict(hidden=self.hidden, coeff=self.coeff, n_power_iter=self.n_power_iter,
                         activation=self.activation, logdet=self.logdet, padding=self.padding,
                         inverse_tol=self.inverse_tol, inverse_max_iter=self.inverse_max_iter,
-                        inverse_method=self.inverse_method)
+                        inverse_method=self.inverse_method, inverse_rtol=self.inverse_rtol)
         self.scales = [block_stack(n, i == 0, self.remat, self.unroll, **block_kw)
                        for i, n in enumerate(self.blocks_per_scale)]
         self.prior = DiagonalGaussianPrior(learn=self.learn_prior)
