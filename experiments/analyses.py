@@ -37,7 +37,9 @@ from typing import Callable, Iterable
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
+
+from experiments import quiet_logs
 
 from experiments.configs import digits_batchnorm, digits_classifier, digits_density
 from experiments.configs import digits_vanilla
@@ -265,7 +267,7 @@ def run(workdir: str, s: ml_collections.ConfigDict, *, only: Iterable[str] = ANA
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)
+    quiet_logs()
     s = get_settings(_QUICK.value)
     s.coeffs = tuple(float(c) for c in _COEFFS.value)
     summary = run(_WORKDIR.value, s, only=_ONLY.value or ANALYSES,

@@ -12,7 +12,9 @@ standard error and the bias bound. Writes ``<workdir>/evaluation.json``.
 from __future__ import annotations
 
 import jax
-from absl import app, flags, logging
+from absl import app, flags
+
+from experiments import quiet_logs
 
 from iresnet_jax.train import evaluation
 
@@ -32,7 +34,7 @@ _DISTRIBUTED = flags.DEFINE_bool("jax_distributed", False, "Call jax.distributed
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)
+    quiet_logs()
     if _DISTRIBUTED.value:
         jax.distributed.initialize()
     evaluation.evaluate_workdir(_WORKDIR.value, bias_tol=_BIAS_TOL.value, se_tol=_SE_TOL.value,

@@ -14,8 +14,9 @@ import os
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
+
+from experiments import quiet_logs
 
 from experiments.configs import toy_glow
 from iresnet_jax.train import toy
@@ -50,8 +51,7 @@ def table(rows) -> str:
 
 
 def main(argv):
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    quiet_logs()
     del argv
     rows = []
     for dataset in _DATASETS.value:

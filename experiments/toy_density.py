@@ -10,8 +10,9 @@ can be overridden on the command line (``--config.num_steps=500``).
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
+
+from experiments import quiet_logs
 
 from iresnet_jax.train import toy
 
@@ -21,8 +22,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 
 
 def main(argv):
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    quiet_logs()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     toy.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

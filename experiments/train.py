@@ -10,7 +10,9 @@ Resumes automatically from the checkpoints in ``--workdir``. Evaluate afterwards
 from __future__ import annotations
 
 import jax
-from absl import app, flags, logging
+from absl import app, flags
+
+from experiments import quiet_logs
 from ml_collections import config_flags
 
 from iresnet_jax.train import experiment
@@ -25,7 +27,7 @@ _DISTRIBUTED = flags.DEFINE_bool("jax_distributed", False,
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    quiet_logs()
     if _DISTRIBUTED.value:
         jax.distributed.initialize()
     experiment.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
