@@ -41,7 +41,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                                   factor_out=True, blocks_per_scale=(32, 32, 32), hidden=512,
                                   coeff=0.9, n_power_iter=5, n_terms=5),
     "anchors_density": dict(kind="density", **_DENSITY_MNIST, blocks_per_scale=(4, 4, 4),
-                            hidden=32, n_terms=5, unroll=4),
+                            hidden=32, n_terms=5, unroll=4, remat=True),
     "digits_density": dict(kind="density", input_shape=(8, 8, 1), initial_squeeze=True,
                            squeeze=(False, True, False), factor_out=True,
                            blocks_per_scale=(4, 4, 4), hidden=32, coeff=0.9, n_power_iter=5,
