@@ -23,7 +23,12 @@ run stopped early keeps what it measured.
   hold for the exact operator).
 
     python -m benchmarks.accelerator --output /tmp/accelerator.json
-    python -m benchmarks.accelerator --tiny          # CPU smoke test (seconds)
+    python -m benchmarks.accelerator --precision=highest --sections=cifar10_density
+    python -m benchmarks.accelerator --tiny          # CPU smoke test (about 2 minutes)
+
+On one H200 the whole script took 7 minutes (compiles of 16-40 s per step; see
+``benchmarks/results/accelerator_h200.json``): give a short lease ``--deadline`` and
+``--sections``, and read partial results from ``--output``.
 
 Nothing is asserted; read the numbers.
 """
@@ -175,14 +180,19 @@ def main():
     parser.add_argument("--sections", default="device,cifar10_density,cifar10_classifier,"
                         "table5,precision")
     parser.add_argument("--output", default="", help="also write the JSON to this file")
+    parser.add_argument("--precision", default="default", choices=("default", "highest"),
+                        help="matmul precision of the timed steps (highest: true float32 "
+                        "on GPUs, whose default is TF32)")
     args = parser.parse_args()
+    if args.precision == "highest":
+        jax.config.update("jax_default_matmul_precision", "highest")
     t_start = time.perf_counter()
     tiny = args.tiny
     if tiny:
         args.density_batch, args.classifier_batch, args.repeats = 4, 4, 2
     density_kw = dict(blocks_per_scale=(1, 1, 1), hidden=8) if tiny else {}
     classifier_kw = dict(stages=(1, 1, 1), hidden=(4, 4, 4)) if tiny else {}
-    results: dict = {"sections_skipped": []}
+    results: dict = {"sections_skipped": [], "matmul_precision": args.precision}
 
     def save():
         text = json.dumps(results, indent=1, default=float)
@@ -217,11 +227,12 @@ def main():
                 "matmul_tflops_bf16": matmul_rate(n, jnp.bfloat16)}
 
     def density():
-        out = {}
+        out = results["cifar10_density"] = {}
         for remat in (True, False):
             model = models.build("paper_cifar10_density", remat=remat, **density_kw)
             out["remat" if remat else "no_remat"] = time_train_step(
                 model, "density", args.density_batch, CIFAR_SHAPE, args.repeats)
+            save()   # keep the first measurement if the run is stopped during the second
         return out
 
     def classifier():
