@@ -222,8 +222,9 @@ def _anderson_solve(g, y, tol, max_iter, memory=5, reg=None, rtol=0.0):
     return out, FixedPointInfo(iters, res, done)
 
 
-def _solve(g, y, tol, max_iter, method):
-    tol, rtol = tol if isinstance(tol, tuple) else (tol, 0.0)
+def _solve(g, y, tols, max_iter, method):
+    """``tols = (tol, rtol)``: an example stops once its step is ``<= tol + rtol * max|x|``."""
+    tol, rtol = tols
     with jax.default_matmul_precision("float32"):
         if method == "plain":
             return _plain_solve(g, y, tol, max_iter, rtol=rtol)
@@ -231,23 +232,23 @@ def _solve(g, y, tol, max_iter, method):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _fixed_point(g, tol, max_iter, method, y, *consts):
-    return _solve(lambda x: g(x, *consts), y, tol, max_iter, method)
+def _fixed_point(g, tols, max_iter, method, y, *consts):
+    return _solve(lambda x: g(x, *consts), y, tols, max_iter, method)
 
 
-def _fixed_point_fwd(g, tol, max_iter, method, y, *consts):
-    x, info = _solve(lambda x: g(x, *consts), y, tol, max_iter, method)
+def _fixed_point_fwd(g, tols, max_iter, method, y, *consts):
+    x, info = _solve(lambda x: g(x, *consts), y, tols, max_iter, method)
     return (x, info), (x, consts)
 
 
-def _fixed_point_bwd(g, tol, max_iter, method, res, cotangents):
+def _fixed_point_bwd(g, tols, max_iter, method, res, cotangents):
     x, consts = res
     xbar = cotangents[0]
     with jax.default_matmul_precision("float32"):
         _, vjp_x = jax.vjp(lambda x_: g(x_, *consts), x)
         # Solve u = xbar - J_g^T u: a contraction like the forward problem (||J_g|| <=
         # Lip(g)), solved by the same method with per-example stopping.
-        u, _ = _solve(lambda w: vjp_x(w)[0], xbar, tol, max_iter, method)
+        u, _ = _solve(lambda w: vjp_x(w)[0], xbar, tols, max_iter, method)
         _, vjp_fn = jax.vjp(lambda x_, *c: g(x_, *c), x, *consts)
         const_bars = vjp_fn(u)[1:]
     negate = lambda c: c if c.dtype == jax.dtypes.float0 else -c
@@ -315,8 +316,8 @@ def fixed_point(g: Callable[[Array], Array], y: Array, *, tol: float = 1e-6,
     if out.shape != y.shape:
         raise ValueError(f"g must preserve the shape of its input: {y.shape} -> {out.shape}")
     g_conv, consts = jax.closure_convert(g, y)
-    tols = (float(tol), float(rtol)) if rtol else float(tol)
-    x, info = _fixed_point(g_conv, tols, int(max_iter), method, y, *consts)
+    x, info = _fixed_point(g_conv, (float(tol), float(rtol)), int(max_iter), method, y,
+                           *consts)
     info = FixedPointInfo(*(lax.stop_gradient(a) for a in info))
     if checked:
         if isinstance(info.converged, jax.core.Tracer):
