@@ -46,9 +46,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from benchmarks.timing import init_train_state, matmul_gflops
 from iresnet_jax import models
 from iresnet_jax.train import steps
-from iresnet_jax.train.state import TrainState
 
 CIFAR_SHAPE = (32, 32, 3)
 TX = optax.adamax(0.003)   # one instance: the optimizer is static metadata of the state
@@ -68,16 +68,6 @@ def _median_seconds(fn, repeats: int) -> tuple[float, float]:
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - t0)
     return statistics.median(times), min(times)
-
-
-def matmul_rate(n: int, dtype, precision=None, repeats: int = 10) -> float:
-    """TFLOP/s of an n x n x n matrix product on random data."""
-    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
-    f = jax.jit(lambda a, b: jnp.matmul(a, b, precision=precision))
-    jax.block_until_ready(f(a, b))
-    med, _ = _median_seconds(lambda: f(a, b), repeats)
-    return 2 * n ** 3 / med / 1e12
 
 
 def _memory(compiled) -> dict:
@@ -112,14 +102,7 @@ def time_train_step(model, task: str, batch: int, shape, repeats: int) -> dict:
         data["image"] = data["image"] / 255.0 - 0.5
         data["label"] = jnp.asarray(rng.integers(0, 10, (batch,)), jnp.int32)
 
-    def create(x):
-        variables = dict(model.init({"params": jax.random.key(0),
-                                     "logdet": jax.random.key(1)}, x))
-        params = variables.pop("params")
-        return TrainState.create(params=params, model_state=variables, tx=TX,
-                                 rng=jax.random.key_data(jax.random.key(2)))
-
-    state = jax.jit(create)(data["image"][:min(batch, 8)] / 256.0 - 0.5)
+    state = init_train_state(model, data["image"][:min(batch, 8)] / 256.0 - 0.5, TX)
     n_params = models.count_params(state.params)
     step = jax.jit(steps.make_train_step(model, task, n_bins=256, dim=dim),
                    donate_argnums=(0,))
@@ -222,9 +205,9 @@ def main():
         return {"backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
                 "device_count": jax.device_count(),
                 "versions": {p: _version(p) for p in ("jax", "jaxlib", "flax", "optax")},
-                "matmul_tflops_f32_default": matmul_rate(n, jnp.float32),
-                "matmul_tflops_f32_highest": matmul_rate(n, jnp.float32, "highest"),
-                "matmul_tflops_bf16": matmul_rate(n, jnp.bfloat16)}
+                "matmul_tflops_f32_default": matmul_gflops(n) / 1e3,
+                "matmul_tflops_f32_highest": matmul_gflops(n, precision="highest") / 1e3,
+                "matmul_tflops_bf16": matmul_gflops(n, dtype=jnp.bfloat16) / 1e3}
 
     def density():
         out = results["cifar10_density"] = {}

@@ -32,9 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from benchmarks.timing import init_train_state
 from iresnet_jax import models
 from iresnet_jax.train import steps
-from iresnet_jax.train.state import TrainState
 
 SHAPE = (32, 32, 3)
 DIM = 32 * 32 * 3
@@ -42,20 +42,9 @@ TX = optax.adamax(0.003)   # one instance: the optimizer is static metadata of t
 
 
 def _state(model, batch: int, abstract: bool):
-    tx = TX
-
-    def create(x):
-        variables = dict(model.init({"params": jax.random.key(0),
-                                     "logdet": jax.random.key(1)}, x))
-        params = variables.pop("params")
-        return TrainState.create(params=params, model_state=variables, tx=tx,
-                                 rng=jax.random.key_data(jax.random.key(2)))
-
     x = jnp.asarray(np.random.default_rng(0).uniform(-0.5, 0.5, (max(batch, 8),) + SHAPE),
                     jnp.float32)
-    if abstract:
-        return jax.eval_shape(create, x)
-    return jax.jit(create)(x)
+    return init_train_state(model, x, TX, abstract=abstract)
 
 
 def _pixels(batch: int) -> jax.Array:

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from iresnet_jax.train.state import TrainState
+
 
 def compile_and_time(fn: Callable, *args, repeats: int = 15, warmup: int = 2,
                      donate: tuple[int, ...] = ()) -> dict[str, Any]:
@@ -43,10 +45,12 @@ def compile_and_time(fn: Callable, *args, repeats: int = 15, warmup: int = 2,
             "flops": flops, "output": out}
 
 
-def matmul_gflops(n: int = 1024, repeats: int = 10) -> float:
-    """float32 matmul rate of this machine (GFLOP/s), measured through XLA."""
-    a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), jnp.float32)
-    f = jax.jit(lambda a, b: a @ b)
+def matmul_gflops(n: int = 1024, repeats: int = 10, dtype=jnp.float32,
+                  precision=None) -> float:
+    """Matmul rate of this machine (GFLOP/s) for an ``n x n x n`` product on random data
+    through XLA (float32 at the default precision unless told otherwise)."""
+    a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), dtype)
+    f = jax.jit(lambda a, b: jnp.matmul(a, b, precision=precision))
     jax.block_until_ready(f(a, a))
     times = []
     for _ in range(repeats):
@@ -54,3 +58,18 @@ def matmul_gflops(n: int = 1024, repeats: int = 10) -> float:
         jax.block_until_ready(f(a, a))
         times.append(time.perf_counter() - t0)
     return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
+def init_train_state(model, x, tx, *, abstract: bool = False):
+    """The ``TrainState`` of ``model`` initialized on ``x`` (keys 0, 1 for params and
+    log-det probes, 2 for the run), jitted; ``abstract=True`` gives only its shapes."""
+    def create(x):
+        variables = dict(model.init({"params": jax.random.key(0),
+                                     "logdet": jax.random.key(1)}, x))
+        params = variables.pop("params")
+        return TrainState.create(params=params, model_state=variables, tx=tx,
+                                 rng=jax.random.key_data(jax.random.key(2)))
+
+    if abstract:
+        return jax.eval_shape(create, x)
+    return jax.jit(create)(x)
