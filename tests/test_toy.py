@@ -4,6 +4,7 @@ import json
 import math
 import os
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -97,6 +98,23 @@ def test_killed_run_resumes_to_the_state_of_an_uninterrupted_run(tmp_path):
     assert any("resumed from checkpoint at step 2" in l for l in lines)
     assert resumed["steps_this_run"] == 4
     assert resumed["test_nll"] == full["test_nll"]
+
+
+@pytest.mark.parametrize("num_steps", [1, 60, 100])
+def test_optimizer_for_runs_shorter_than_the_warmup(num_steps):
+    """The default warm-up is 100 steps; a shorter run (a quick try of the main job) must
+    still build its schedule and take finite, nonzero steps."""
+    c = toy_default.get_config()
+    c.num_steps = num_steps
+    tx = toy.make_optimizer(c)
+    params = {"w": jnp.ones(3)}
+    opt_state = tx.init(params)
+    moved = []
+    for _ in range(min(num_steps, 3) + 1):
+        updates, opt_state = tx.update({"w": jnp.ones(3)}, opt_state, params)
+        assert bool(jnp.all(jnp.isfinite(updates["w"])))
+        moved.append(float(jnp.abs(updates["w"]).max()))
+    assert max(moved) > 0
 
 
 @pytest.mark.parametrize("field,value,match", [

@@ -65,7 +65,8 @@ def make_model(config: ml_collections.ConfigDict):
 def make_optimizer(config) -> optax.GradientTransformation:
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=config.learning_rate,
-        warmup_steps=min(config.warmup_steps, config.num_steps),
+        # A run shorter than the warm-up still needs one step of (cosine) decay.
+        warmup_steps=min(config.warmup_steps, config.num_steps - 1),
         decay_steps=config.num_steps, end_value=config.learning_rate * config.final_lr_fraction)
     return optax.chain(optax.clip_by_global_norm(config.grad_clip),
                        optax.adam(schedule, b1=config.get("adam_b1", 0.9),
