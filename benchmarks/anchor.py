@@ -34,7 +34,14 @@ reference times of ANCHORS.md (``reference.*``) and our time as a fraction of th
 reference's (``ratio.*``), the log-det overhead, and the load average before and after.
 On a shared machine ``machine_share`` (this run's matmul rate over the 239 GFLOP/s of
 ANCHORS.md) and ``ratio_load_adjusted.*`` (ratio times that share) give a rough estimate
-of the ratios on an unloaded machine; they are estimates, not measurements.
+of the ratios on an unloaded machine; they are estimates, not measurements. Each timed
+key also has ``*.page_faults`` and ``*.system_seconds`` per call.
+
+The allocator: by default the script restarts itself once with
+``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (``iresnet_jax.runtime``; transparent huge
+pages for XLA's per-call buffers, as the experiment binaries do), and records the
+setting under ``allocator``. ``--allocator=default`` runs as started, to measure the
+difference.
 
     python -m benchmarks.anchor                      # everything (a few minutes)
     python -m benchmarks.anchor --only density.train_logdet,classifier.train
@@ -58,6 +65,7 @@ import optax
 from benchmarks.timing import compile_and_time, matmul_gflops
 from iresnet_jax import logdet as logdet_lib
 from iresnet_jax import models
+from iresnet_jax import runtime
 from iresnet_jax.models import density as density_lib
 from iresnet_jax.train import steps
 from iresnet_jax.train.state import TrainState
@@ -118,6 +126,9 @@ def _record(results, name, r, extra=None):
     results[name] = r["median"]
     results[f"{name}.min"] = r["min"]
     results[f"{name}.compile"] = r["compile"]
+    for key in ("page_faults", "system_seconds"):
+        if key in r:
+            results[f"{name}.{key}"] = r[key]
     if extra:
         results.update({f"{name}.{k}": v for k, v in extra.items()})
     print(f"{name}: {r['median']:.4f} s (min {r['min']:.4f}, compile {r['compile']:.1f} s)",
@@ -319,7 +330,12 @@ def main(argv=None):
                         help="also time the library's whole training step "
                              "(density.train_logdet_step; one more long compile)")
     parser.add_argument("--output", default="", help="also write the JSON to this file")
+    parser.add_argument("--allocator", choices=("hugepages", "default"), default="hugepages",
+                        help="hugepages: restart once with GLIBC_TUNABLES=glibc.malloc.hugetlb=1"
+                             " where that helps (iresnet_jax.runtime); default: run as started")
     args = parser.parse_args(argv)
+    if args.allocator == "hugepages" and argv is None:
+        runtime.relaunch_with_hugepages()
     only = [s.strip() for s in args.only.split(",") if s.strip()]
 
     def wanted(name):
@@ -332,7 +348,7 @@ def main(argv=None):
                "jax": jax.__version__, "batch": BATCH, "repeats": args.repeats,
                "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
                "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
-               "optimizer_update_included": False}
+               "optimizer_update_included": False, "allocator": runtime.status()}
     t0 = time.time()
     results["matmul_gflops"] = matmul_gflops()
     print(f"matmul: {results['matmul_gflops']:.1f} GFLOP/s", flush=True)

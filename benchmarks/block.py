@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from benchmarks.timing import compile_and_time
 from iresnet_jax import blocks, logdet
+from iresnet_jax import runtime
 
 
 def main():
@@ -70,4 +71,5 @@ def main():
 
 
 if __name__ == "__main__":
+    runtime.relaunch_with_hugepages()  # huge pages for XLA's buffers, see runtime.py
     main()

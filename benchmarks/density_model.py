@@ -34,6 +34,7 @@ import optax
 
 from benchmarks.timing import init_train_state
 from iresnet_jax import models
+from iresnet_jax import runtime
 from iresnet_jax.train import steps
 
 SHAPE = (32, 32, 3)
@@ -131,4 +132,5 @@ def main():
 
 
 if __name__ == "__main__":
+    runtime.relaunch_with_hugepages()  # huge pages for XLA's buffers, see runtime.py
     main()

@@ -29,6 +29,7 @@ import numpy as np
 
 from benchmarks.timing import compile_and_time
 from iresnet_jax import blocks, inverse, lipschitz
+from iresnet_jax import runtime
 
 METHODS = ("plain", "anderson")
 
@@ -102,4 +103,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    runtime.relaunch_with_hugepages()  # huge pages for XLA's buffers, see runtime.py
     main()

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from benchmarks.timing import compile_and_time
 from iresnet_jax import blocks, logdet
+from iresnet_jax import runtime
 
 
 def _memory(fn, *args) -> dict[str, int | None]:
@@ -93,4 +94,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    runtime.relaunch_with_hugepages()  # huge pages for XLA's buffers, see runtime.py
     main()

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import statistics
 import time
+
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None
 from typing import Any, Callable
 
 import jax
@@ -18,8 +23,10 @@ def compile_and_time(fn: Callable, *args, repeats: int = 15, warmup: int = 2,
     """Compiles ``jax.jit(fn)`` for ``args`` and times it.
 
     Returns ``compile`` (seconds for lowering + compilation), ``median`` and ``min``
-    seconds per call over ``repeats`` calls after ``warmup`` calls, and XLA's ``flops``
-    estimate where available.
+    seconds per call over ``repeats`` calls after ``warmup`` calls, XLA's ``flops``
+    estimate where available, and per timed call the process's minor page faults
+    (``page_faults``) and kernel CPU seconds (``system_seconds``), which show what
+    re-faulting freshly allocated buffers costs (``iresnet_jax.runtime``).
     """
     jitted = jax.jit(fn, donate_argnums=donate)
     t0 = time.perf_counter()
@@ -37,12 +44,18 @@ def compile_and_time(fn: Callable, *args, repeats: int = 15, warmup: int = 2,
     for _ in range(warmup):
         out = jax.block_until_ready(compiled(*args))
     times = []
+    usage0 = resource.getrusage(resource.RUSAGE_SELF) if resource else None
     for _ in range(repeats):
         t0 = time.perf_counter()
         out = jax.block_until_ready(compiled(*args))
         times.append(time.perf_counter() - t0)
-    return {"compile": compile_s, "median": statistics.median(times), "min": min(times),
-            "flops": flops, "output": out}
+    result = {"compile": compile_s, "median": statistics.median(times), "min": min(times),
+              "flops": flops, "output": out}
+    if usage0 is not None:
+        usage1 = resource.getrusage(resource.RUSAGE_SELF)
+        result["page_faults"] = (usage1.ru_minflt - usage0.ru_minflt) / repeats
+        result["system_seconds"] = (usage1.ru_stime - usage0.ru_stime) / repeats
+    return result
 
 
 def matmul_gflops(n: int = 1024, repeats: int = 10, dtype=jnp.float32,

@@ -44,6 +44,7 @@ from experiments import quiet_logs
 from experiments.configs import digits_batchnorm, digits_classifier, digits_density
 from experiments.configs import digits_vanilla
 from iresnet_jax import analysis
+from iresnet_jax import runtime
 from iresnet_jax.train import experiment
 
 ANALYSES = ("singular_values", "reconstructions", "convergence", "logdet_bias", "runtime",
@@ -276,5 +277,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    runtime.relaunch_with_hugepages()  # huge pages for XLA's buffers, see runtime.py
     flags.mark_flag_as_required("workdir")
     app.run(main)

@@ -16,6 +16,7 @@ from absl import app, flags
 
 from experiments import quiet_logs
 
+from iresnet_jax import runtime
 from iresnet_jax.train import evaluation
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints).")
@@ -44,5 +45,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    runtime.relaunch_with_hugepages()  # huge pages for XLA's buffers, see runtime.py
     flags.mark_flag_as_required("workdir")
     app.run(main)

@@ -15,6 +15,7 @@ from absl import app, flags
 from experiments import quiet_logs
 from ml_collections import config_flags
 
+from iresnet_jax import runtime
 from iresnet_jax.train import experiment
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training configuration file.",
@@ -34,5 +35,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    runtime.relaunch_with_hugepages()  # huge pages for XLA's buffers, see runtime.py
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)

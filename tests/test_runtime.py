@@ -1,0 +1,70 @@
+"""The allocator relaunch of the binaries (``iresnet_jax.runtime``)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from iresnet_jax import runtime
+
+
+@pytest.fixture
+def supported(monkeypatch):
+    """A Linux machine with glibc 2.36 and transparent huge pages on request."""
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(runtime, "_glibc_version", lambda: (2, 36))
+    monkeypatch.setattr(runtime, "_thp_mode", lambda: "madvise")
+
+
+def test_relaunch_environment_sets_the_tunable_and_the_loop_guard(supported):
+    env = runtime.relaunch_environment({"PATH": "/bin"})
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    assert env[runtime.NO_RELAUNCH] == "1" and env["PATH"] == "/bin"
+    # The relaunched process (or a user who exported the tunable) is left alone.
+    assert runtime.relaunch_environment(env) is None
+    assert runtime.hugepages_enabled(env)
+
+
+def test_relaunch_environment_keeps_the_users_other_tunables(supported):
+    env = runtime.relaunch_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+
+
+def test_no_relaunch_where_it_cannot_help(supported, monkeypatch):
+    assert runtime.relaunch_environment({runtime.NO_RELAUNCH: "1"}) is None
+    monkeypatch.setattr(runtime, "_thp_mode", lambda: "never")
+    assert runtime.relaunch_environment({}) is None
+    monkeypatch.setattr(runtime, "_thp_mode", lambda: "always")
+    monkeypatch.setattr(runtime, "_glibc_version", lambda: (2, 31))   # tunable unknown
+    assert runtime.relaunch_environment({}) is None
+    monkeypatch.setattr(runtime, "_glibc_version", lambda: None)      # musl, macOS
+    assert runtime.relaunch_environment({}) is None
+    monkeypatch.setattr(runtime, "_glibc_version", lambda: (2, 36))
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert runtime.relaunch_environment({}) is None
+
+
+def test_relaunch_restarts_the_program_once_with_the_same_arguments(tmp_path):
+    script = tmp_path / "prog.py"
+    script.write_text(
+        "import os, sys\n"
+        "from iresnet_jax import runtime\n"
+        "print('start', sys.argv[1:], flush=True)\n"
+        "runtime.relaunch_with_hugepages()\n"
+        "print('tunables', os.environ.get('GLIBC_TUNABLES', ''), flush=True)\n")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("GLIBC_TUNABLES", runtime.NO_RELAUNCH)}
+    out = subprocess.run([sys.executable, str(script), "--flag=1"], env=env, check=True,
+                         capture_output=True, text=True).stdout.splitlines()
+    if runtime.relaunch_environment(env) is None:   # this machine: nothing to gain
+        assert out == ["start ['--flag=1']", "tunables "]
+    else:
+        assert out == ["start ['--flag=1']", "start ['--flag=1']",
+                       "tunables glibc.malloc.hugetlb=1"]
+
+
+def test_status_reports_the_setting():
+    s = runtime.status()
+    assert set(s) == {"glibc", "transparent_hugepages", "glibc_tunables"}
+    assert s["glibc_tunables"] == os.environ.get("GLIBC_TUNABLES", "")
