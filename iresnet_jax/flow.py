@@ -18,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from iresnet_jax import utils
+
 Array = jax.Array
 
 # Collections whose variables are stacked along the scanned axis.
@@ -59,7 +61,10 @@ class BlockStack(nn.Module):
       n: number of blocks (>= 1).
       remat: rematerialize each block in the backward pass.
       unroll: blocks per iteration of the compiled loop (``lax.scan``'s ``unroll``): larger
-        values trade compile time for less loop overhead and fusion across blocks.
+        values trade compile time for less loop overhead and fusion across blocks. When
+        unrolled, every block's output goes through ``utils.materialize`` (an exact
+        identity), so that XLA does not re-evaluate the residual stream of all earlier
+        blocks inside each consumer.
       hoist: for blocks with a ``prepare`` method (``InvertibleBlock``), run every block's
         spectral normalization at once, vmapped over the stacked parameters, before the
         scan. The power iteration depends only on the input's shape, and its many tiny
@@ -96,12 +101,15 @@ class BlockStack(nn.Module):
     def __call__(self, x: Array, *, train: bool = False) -> tuple[Array, Array]:
         self._check()
         prepared = self._prepare_all(x, train)
+        finish = utils.materialize if self.unroll > 1 else (lambda y: y)
         if prepared is None:
             def body(block, carry, _):
-                return block(carry, train=train)
+                y, log_det = block(carry, train=train)
+                return finish(y), log_det
         else:
             def body(block, carry, prep):
-                return block(carry, train=train, prepared=prep)
+                y, log_det = block(carry, train=train, prepared=prep)
+                return finish(y), log_det
 
         y, log_dets = self._scan(body, reverse=False)(self.block, x, prepared)
         return y, jnp.sum(log_dets, axis=0)

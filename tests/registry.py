@@ -49,6 +49,8 @@ REGISTRY = [
         blocks.ConvBranch(hidden=4, coeff=0.6, activation="softplus", padding="CIRCULAR"),
         logdet=EXACT, inverse_tol=1e-10, inverse_max_iter=500), (2, 3, 3, 2)),
     Entry("block_stack", lambda: flow.BlockStack(_conv_block(), n=3), (2, 3, 3, 2)),
+    Entry("block_stack_unrolled", lambda: flow.BlockStack(_conv_block(), n=3, unroll=3),
+          (2, 3, 3, 2)),
     Entry("block_stack_remat", lambda: flow.BlockStack(_mlp_block(), n=2, remat=True),
           (3, 3)),
     Entry("chain", lambda: flow.Chain([layers.ActNorm(), layers.Squeeze(),

@@ -100,3 +100,21 @@ def test_block_stack_training_updates_every_blocks_spectral_state():
         _, state_eval = model.apply(variables, x, mutable=["spectral"])
         np.testing.assert_array_equal(state_eval["spectral"]["block"]["branch"]["conv1"]["u"],
                                       u_old)
+
+
+def test_materialize_is_an_exact_identity_and_unrolled_stacks_agree_with_rolled():
+    from iresnet_jax import blocks, flow, logdet, utils
+    x = jax.random.normal(jax.random.key(0), (2, 5, 5, 3)) * 1e3
+    np.testing.assert_array_equal(jax.jit(utils.materialize)(x), x)
+    with jax.enable_x64(True):
+        x64 = jax.random.normal(jax.random.key(0), (7, 6), jnp.float64) * 1e-3
+        np.testing.assert_array_equal(jax.jit(utils.materialize)(x64), x64)
+    block = blocks.InvertibleBlock(blocks.ConvBranch(hidden=4, coeff=0.9),
+                                   logdet=logdet.LogDetConfig("exact"))
+    x = jax.random.normal(jax.random.key(1), (2, 4, 4, 2))
+    rolled = flow.BlockStack(block, n=4)
+    variables = jax.jit(rolled.init)(jax.random.key(2), x)
+    y1, ld1 = jax.jit(rolled.apply)(variables, x)
+    y4, ld4 = jax.jit(flow.BlockStack(block, n=4, unroll=4).apply)(variables, x)
+    np.testing.assert_allclose(y4, y1, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(ld4, ld1, rtol=1e-5, atol=1e-5)
