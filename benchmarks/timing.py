@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import Any, Callable
 
 try:
     import resource
 except ImportError:  # not on Windows
     resource = None
-from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
