@@ -135,6 +135,8 @@ class ConvBranch(_Branch):
         of a network has none).
       zero_init_last: initialize the last conv at zero, so the block starts as identity.
       padding: ``"SAME"`` (zeros) or ``"CIRCULAR"``.
+      narrowing: how convs that narrow the channels are computed, ``"conv"`` or
+        ``"col2im"`` (``lipschitz.conv2d``; the same operator, a speed choice).
 
     Example:
       >>> branch = ConvBranch(hidden=32, coeff=0.9)
@@ -145,6 +147,7 @@ class ConvBranch(_Branch):
     hidden: int = 32
     kernel_sizes: Sequence[int] = (3, 1, 3)
     padding: str = "SAME"
+    narrowing: str = "conv"
 
     @nn.compact
     def parts(self, x: Array | jax.ShapeDtypeStruct, *, train: bool = False):
@@ -179,12 +182,13 @@ class ConvBranch(_Branch):
         """The pure function ``g`` from the arrays returned by ``parts``."""
         params, act_params = parts
         acts = self._activations(act_params)
-        padding = self.padding
+        padding, narrowing = self.padding, self.narrowing
 
         def g(x: Array) -> Array:
             h = x
             for act, (kernel, bias) in zip(acts, params):
-                h = lipschitz.conv2d(act(h), kernel, padding=padding) + bias
+                h = lipschitz.conv2d(act(h), kernel, padding=padding,
+                                     narrowing=narrowing) + bias
             return h
 
         return g

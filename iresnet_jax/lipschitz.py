@@ -118,9 +118,12 @@ def _is_unit_stride(strides) -> bool:
     return tuple(strides) == (1, 1)
 
 
+NARROWING = ("conv", "col2im")
+
+
 def conv2d(x: Array, kernel: Array, *, strides: int | Sequence[int] = 1,
            padding: str | Sequence[tuple[int, int]] = "SAME",
-           precision: Any = None) -> Array:
+           precision: Any = None, narrowing: str = "conv") -> Array:
     """2-D cross-correlation on NHWC inputs with an HWIO kernel (Flax's convention).
 
     ``padding`` is ``"SAME"`` (zeros), ``"VALID"``, explicit pairs, or ``"CIRCULAR"``
@@ -133,7 +136,15 @@ def conv2d(x: Array, kernel: Array, *, strides: int | Sequence[int] = 1,
     ``kh * kw * C_in`` channels, and XLA:CPU's gradients of such a convolution (the
     kernel gradient is a convolution with an image-sized window) are several times
     slower than the matrix products that replace them.
+
+    ``narrowing`` chooses how a unit-stride ``"SAME"`` conv that narrows the channels
+    (``C_in > C_out``, the last conv of a branch) is computed: ``"conv"`` (``lax.conv``)
+    or ``"col2im"`` (``conv2d_col2im``: one matrix product onto output-side patches and a
+    sum of shifted slices). Both are the same operator; which is faster depends on the
+    shapes and the backend (``conv2d_col2im`` has the measurements).
     """
+    if narrowing not in NARROWING:
+        raise ValueError(f"narrowing must be one of {NARROWING}, got {narrowing!r}")
     if isinstance(strides, int):
         strides = (strides, strides)
     unit = _is_unit_stride(strides)
@@ -143,6 +154,9 @@ def conv2d(x: Array, kernel: Array, *, strides: int | Sequence[int] = 1,
     if (unit and isinstance(padding, str) and padding in ("SAME", "CIRCULAR")
             and kernel.shape[2] < kernel.shape[3]):
         return conv2d_patches(x, kernel, padding=padding, precision=precision)
+    if (narrowing == "col2im" and unit and isinstance(padding, str) and padding == "SAME"
+            and kernel.shape[2] > kernel.shape[3]):
+        return conv2d_col2im(x, kernel, precision=precision)
     if isinstance(padding, str) and padding == "CIRCULAR":
         kh, kw = kernel.shape[:2]
         pads = [(0, 0), ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2), (0, 0)]
@@ -175,6 +189,42 @@ def conv2d_patches(x: Array, kernel: Array, *, padding: str = "SAME",
     out = jnp.dot(cols.reshape(n * h * w, kh * kw * c_in),
                   kernel.reshape(kh * kw * c_in, c_out), precision=precision)
     return out.reshape(n, h, w, c_out)
+
+
+def conv2d_col2im(x: Array, kernel: Array, *, precision: Any = None) -> Array:
+    """``conv2d`` with unit strides and ``"SAME"`` zero padding, computed output-side.
+
+    One matrix product maps every input pixel to its contributions to all ``kh * kw``
+    output positions (``x @ K``, ``K`` of shape ``C_in x (kh * kw * C_out)``); the output
+    is the sum of those contributions shifted into place (``lax.pad`` with a negative
+    edge is a shift, and its transpose is the opposite shift). For a conv that narrows
+    the channels this is the cheap direction: the product has ``kh * kw * C_out``
+    columns, where im2col patches would have ``kh * kw * C_in``. The result goes through
+    ``utils.materialize`` (an exact identity): otherwise XLA fuses the sum of shifted
+    slices into every consumer and recomputes it there.
+
+    Measured on the ANCHORS.md classifier (2-core x86 CPU, interleaved in one process,
+    against ``lax.conv`` for its narrowing convs): training step 296-390 -> 253-316 ms,
+    20-iteration inverse 1.54-1.60 -> 1.18-1.34 s. On the ANCHORS.md density model
+    (channels 4 and 8) it is no faster, and its Neumann-gradient step is ~15% slower, so
+    the density models keep ``lax.conv``.
+    """
+    kh, kw, c_in, c_out = kernel.shape
+    n, h, w, _ = x.shape
+    k2 = kernel.transpose(2, 0, 1, 3).reshape(c_in, kh * kw * c_out)
+    p = jnp.dot(x.reshape(n * h * w, c_in), k2, precision=precision)
+    p = p.reshape(n, h, w, kh * kw * c_out)
+    zero = jnp.zeros((), p.dtype)
+    out = None
+    for a in range(kh):
+        for b in range(kw):
+            t = a * kw + b
+            # out[:, i, j] += p_t[:, i + da, j + db], zero outside the image.
+            da, db = a - (kh - 1) // 2, b - (kw - 1) // 2
+            shifted = lax.pad(p[..., t * c_out:(t + 1) * c_out], zero,
+                              [(0, 0, 0), (-da, da, 0), (-db, db, 0), (0, 0, 0)])
+            out = shifted if out is None else out + shifted
+    return utils.materialize(out)
 
 
 def dense_norm(kernel: Array, u: Array, n_iter: int) -> tuple[Array, Array]:

@@ -102,6 +102,10 @@ class MultiscaleDensity(nn.Module):
         backward pass's residuals in loop buffers (the ANCHORS.md model: 4 blocks per
         scale, ``unroll=4``, trains about twice as fast on a 2-core CPU); compile time
         grows with it.
+      narrowing: how the branches' channel-narrowing convs are computed, ``"conv"``
+        (``lax.conv``, the default here: the col2im form was no faster on the ANCHORS.md
+        density model and slowed its Neumann-gradient step) or ``"col2im"``
+        (``lipschitz.conv2d``); the same operator either way.
       inverse_tol, inverse_max_iter, inverse_method, inverse_rtol: fixed-point inverse
         settings (``inverse.fixed_point``'s ``tol``, ``max_iter``, ``method``, ``rtol``).
 
@@ -132,6 +136,7 @@ class MultiscaleDensity(nn.Module):
     remat: bool = False
     unroll: int = 1
     padding: str = "SAME"
+    narrowing: str = "conv"
     inverse_tol: float = 1e-6
     inverse_max_iter: int = 100
     inverse_method: str = "plain"
@@ -146,7 +151,7 @@ class MultiscaleDensity(nn.Module):
                              "coeff=None")
         block_kw = dict(hidden=self.hidden, coeff=self.coeff, n_power_iter=self.n_power_iter,
                         activation=self.activation, logdet=self.logdet, padding=self.padding,
-                        inverse_tol=self.inverse_tol, inverse_max_iter=self.inverse_max_iter,
+                        narrowing=self.narrowing, inverse_tol=self.inverse_tol, inverse_max_iter=self.inverse_max_iter,
                         inverse_method=self.inverse_method, inverse_rtol=self.inverse_rtol)
         self.scales = [block_stack(n, i == 0, self.remat, self.unroll, **block_kw)
                        for i, n in enumerate(self.blocks_per_scale)]
