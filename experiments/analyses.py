@@ -30,6 +30,13 @@ methods, not converged models), otherwise the digits configs' full schedules
 
 from __future__ import annotations
 
+from iresnet_jax import runtime  # no JAX import
+
+if __name__ == "__main__":
+    # Restart once with huge pages for XLA's buffers (see runtime.py) before the heavy
+    # imports below, so that they run only once.
+    runtime.relaunch_with_hugepages()
+
 import os
 import time
 from typing import Callable, Iterable
@@ -44,7 +51,6 @@ from experiments import quiet_logs
 from experiments.configs import digits_batchnorm, digits_classifier, digits_density
 from experiments.configs import digits_vanilla
 from iresnet_jax import analysis
-from iresnet_jax import runtime
 from iresnet_jax.train import experiment
 
 ANALYSES = ("singular_values", "reconstructions", "convergence", "logdet_bias", "runtime",
@@ -277,6 +283,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    runtime.relaunch_with_hugepages()  # huge pages for XLA's buffers, see runtime.py
     flags.mark_flag_as_required("workdir")
     app.run(main)

@@ -11,12 +11,18 @@ standard error and the bias bound. Writes ``<workdir>/evaluation.json``.
 
 from __future__ import annotations
 
+from iresnet_jax import runtime  # no JAX import
+
+if __name__ == "__main__":
+    # Restart once with huge pages for XLA's buffers (see runtime.py) before the heavy
+    # imports below, so that they run only once.
+    runtime.relaunch_with_hugepages()
+
 import jax
 from absl import app, flags
 
 from experiments import quiet_logs
 
-from iresnet_jax import runtime
 from iresnet_jax.train import evaluation
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints).")
@@ -45,6 +51,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    runtime.relaunch_with_hugepages()  # huge pages for XLA's buffers, see runtime.py
     flags.mark_flag_as_required("workdir")
     app.run(main)

@@ -9,13 +9,19 @@ Resumes automatically from the checkpoints in ``--workdir``. Evaluate afterwards
 
 from __future__ import annotations
 
+from iresnet_jax import runtime  # no JAX import
+
+if __name__ == "__main__":
+    # Restart once with huge pages for XLA's buffers (see runtime.py) before the heavy
+    # imports below, so that they run only once.
+    runtime.relaunch_with_hugepages()
+
 import jax
 from absl import app, flags
 
 from experiments import quiet_logs
 from ml_collections import config_flags
 
-from iresnet_jax import runtime
 from iresnet_jax.train import experiment
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training configuration file.",
@@ -35,6 +41,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    runtime.relaunch_with_hugepages()  # huge pages for XLA's buffers, see runtime.py
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)

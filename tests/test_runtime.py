@@ -68,3 +68,30 @@ def test_status_reports_the_setting():
     s = runtime.status()
     assert set(s) == {"glibc", "transparent_hugepages", "glibc_tunables"}
     assert s["glibc_tunables"] == os.environ.get("GLIBC_TUNABLES", "")
+
+
+def test_runtime_and_the_package_import_without_jax():
+    """The binaries restart before their heavy imports: ``iresnet_jax.runtime`` (and the
+    package itself, whose submodules load on first use) must not import JAX."""
+    code = ("import sys\n"
+            "import iresnet_jax\n"
+            "from iresnet_jax import runtime\n"
+            "assert 'jax' not in sys.modules, 'runtime imported jax'\n"
+            "assert iresnet_jax.lipschitz.conv2d is not None\n"
+            "assert 'jax' in sys.modules\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True).stdout
+    assert out.strip() == "ok"
+    with pytest.raises(AttributeError, match="no attribute"):
+        import iresnet_jax
+        iresnet_jax.not_a_module  # noqa: B018
+
+
+@pytest.mark.parametrize("binary", ["train", "evaluate", "analyses"])
+def test_binaries_restart_before_importing_jax(binary):
+    """The restart call comes before the first ``import jax`` of each binary."""
+    path = os.path.join(os.path.dirname(__file__), "..", "experiments", f"{binary}.py")
+    with open(path) as f:
+        text = f.read()
+    assert 0 < text.index("runtime.relaunch_with_hugepages()") < text.index("import jax")
