@@ -258,13 +258,15 @@ def _fixed_point_bwd(g, tols, max_iter, method, res, cotangents):
 _fixed_point.defvjp(_fixed_point_fwd, _fixed_point_bwd)
 
 
-def _raise_if_not_converged(converged, residual, iterations, max_iter, tol):
+def _raise_if_not_converged(converged, residual, iterations, max_iter, tol, rtol=0.0):
     if not bool(jnp.all(converged)):
         bad = int(jnp.sum(~jnp.asarray(converged)))
         worst = float(jnp.max(jnp.where(converged, -jnp.inf, residual)))
+        test = (f"tol={tol:.3g}" if not rtol else
+                f"tol + rtol * max|x| with tol={tol:.3g}, rtol={rtol:.3g}")
         raise FixedPointError(
             f"fixed-point inverse did not converge for {bad} example(s) within "
-            f"max_iter={max_iter} (worst last step {worst:.3g} > tol={tol:.3g}); the "
+            f"max_iter={max_iter} (worst last step {worst:.3g} > {test}); the "
             "residual branch may not be a contraction (is every Lipschitz constant < 1?)")
 
 
@@ -322,9 +324,10 @@ def fixed_point(g: Callable[[Array], Array], y: Array, *, tol: float = 1e-6,
     if checked:
         if isinstance(info.converged, jax.core.Tracer):
             def callback(converged, residual, iterations):
-                _raise_if_not_converged(converged, residual, iterations, max_iter, tol)
+                _raise_if_not_converged(converged, residual, iterations, max_iter, tol,
+                                        rtol)
             jax.debug.callback(callback, info.converged, info.residual, info.iterations)
         else:
             _raise_if_not_converged(info.converged, info.residual, info.iterations,
-                                    max_iter, tol)
+                                    max_iter, tol, rtol)
     return x, info

@@ -131,6 +131,10 @@ def test_non_convergence_is_reported_and_checked_mode_raises():
     assert int(info.iterations[0]) == 50 and float(info.residual[0]) > 1e-6
     with pytest.raises(inverse.FixedPointError, match="did not converge for 1 example"):
         inverse.fixed_point(g, y, tol=1e-6, max_iter=50, checked=True)
+    # With a relative tolerance the message names the test that was applied.
+    with pytest.raises(inverse.FixedPointError, match=r"tol \+ rtol \* max\|x\| with "
+                                                      r"tol=0, rtol=1e-06"):
+        inverse.fixed_point(g, y, tol=0.0, rtol=1e-6, max_iter=50, checked=True)
     jitted = jax.jit(lambda y: inverse.fixed_point(g, y, tol=1e-6, max_iter=50,
                                                    checked=True)[0])
     with pytest.raises(Exception, match="did not converge"):
