@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks.timing import init_train_state, matmul_gflops
+from benchmarks.timing import init_train_state, matmul_gflops, memory_analysis
 from iresnet_jax import models
 from iresnet_jax.train import steps
 
@@ -68,19 +68,6 @@ def _median_seconds(fn, repeats: int) -> tuple[float, float]:
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - t0)
     return statistics.median(times), min(times)
-
-
-def _memory(compiled) -> dict:
-    try:
-        m = compiled.memory_analysis()
-    except Exception:  # not every backend implements it
-        return {}
-    if m is None:
-        return {}
-    get = lambda f: getattr(m, f, 0) or 0  # noqa: E731
-    total = (get("argument_size_in_bytes") + get("output_size_in_bytes")
-             + get("temp_size_in_bytes") - get("alias_size_in_bytes"))
-    return {"temp_gib": get("temp_size_in_bytes") / 2 ** 30, "total_gib": total / 2 ** 30}
 
 
 def _peak_gib() -> float | None:
@@ -122,7 +109,7 @@ def time_train_step(model, task: str, batch: int, shape, repeats: int) -> dict:
     return {"batch": batch, "params": n_params, "compile_seconds": round(compile_s, 2),
             "step_seconds": med, "step_seconds_min": best,
             "examples_per_second": batch / med, "loss": float(metrics["loss"]),
-            "xla_memory": _memory(compiled), "peak_gib_so_far": _peak_gib()}
+            "xla_memory": memory_analysis(compiled), "peak_gib_so_far": _peak_gib()}
 
 
 def precision_check(preset: str, overrides: dict, batch: int, shape) -> dict:

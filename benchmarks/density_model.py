@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks.timing import init_train_state
+from benchmarks.timing import init_train_state, memory_analysis
 from iresnet_jax import models
 from iresnet_jax import runtime
 from iresnet_jax.train import steps
@@ -61,20 +61,6 @@ def _compile(model, batch: int):
     t0 = time.perf_counter()
     compiled = step.lower(state, {"image": pixels}).compile()
     return compiled, time.perf_counter() - t0
-
-
-def _memory(compiled) -> dict:
-    m = compiled.memory_analysis()
-    if m is None:
-        return {}
-    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
-              "alias_size_in_bytes", "generated_code_size_in_bytes")
-    out = {f.replace("_in_bytes", "_gib"): getattr(m, f) / 2 ** 30 for f in fields
-           if hasattr(m, f)}
-    total = (getattr(m, "argument_size_in_bytes", 0) + getattr(m, "output_size_in_bytes", 0)
-             + getattr(m, "temp_size_in_bytes", 0) - getattr(m, "alias_size_in_bytes", 0))
-    out["total_gib"] = total / 2 ** 30
-    return out
 
 
 def main():
@@ -126,7 +112,7 @@ def main():
             model = models.build("paper_cifar10_density", remat=remat)
             compiled, seconds = _compile(model, args.memory_batch)
             key = f"memory_batch_{args.memory_batch}" + ("_remat" if remat else "")
-            results[key] = {**_memory(compiled), "compile_seconds": round(seconds, 2)}
+            results[key] = {**memory_analysis(compiled), "compile_seconds": round(seconds, 2)}
             print(f"{key}: {results[key]}", flush=True)
     print(json.dumps(results, indent=1))
 

@@ -88,7 +88,7 @@ def main(argv=None):
             results[f"{key}.loss"] = float(r["output"][0][0])
             results[f"{key}.memory"] = _memory(grad_fn, *fargs)
         results[f"{name}.ratio_neumann_to_autodiff"] = (results[f"{name}.neumann"]
-                                                         / results[f"{name}.autodiff"])
+                                                        / results[f"{name}.autodiff"])
     results["roulette.expected_terms"] = logdet.LogDetConfig("roulette").expected_terms
     print(json.dumps(results, indent=1))
 

@@ -86,3 +86,24 @@ def init_train_state(model, x, tx, *, abstract: bool = False):
     if abstract:
         return jax.eval_shape(create, x)
     return jax.jit(create)(x)
+
+
+def memory_analysis(compiled) -> dict:
+    """XLA's memory analysis of a compiled function in GiB (``{}`` where the backend has
+    none): ``temp_gib`` (scratch), ``total_gib`` (arguments + outputs + scratch - aliased),
+    and every ``*_in_bytes`` field XLA reports, as ``*_gib``."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # not every backend implements it
+        return {}
+    if m is None:
+        return {}
+    get = lambda f: getattr(m, f, 0) or 0  # noqa: E731
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+              "alias_size_in_bytes", "generated_code_size_in_bytes")
+    out = {f.replace("_in_bytes", "_gib"): get(f) / 2 ** 30 for f in fields if hasattr(m, f)}
+    total = (get("argument_size_in_bytes") + get("output_size_in_bytes")
+             + get("temp_size_in_bytes") - get("alias_size_in_bytes"))
+    out["temp_gib"] = get("temp_size_in_bytes") / 2 ** 30
+    out["total_gib"] = total / 2 ** 30
+    return out

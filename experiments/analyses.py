@@ -164,7 +164,8 @@ def _classifiers(models, coeffs):
 
 def run(workdir: str, s: ml_collections.ConfigDict, *, only: Iterable[str] = ANALYSES,
         checkpoints: Iterable[str] = (), train_steps: int | None = None,
-        models: dict[str, analysis.Trained] | None = None, print_fn: Callable[[str], None] = print) -> dict:
+        models: dict[str, analysis.Trained] | None = None,
+        print_fn: Callable[[str], None] = print) -> dict:
     """Runs the analyses ``only`` and writes their files into ``workdir``; returns a
     summary (also written to ``summary.json``). ``models`` gives already trained models by
     role (``"vanilla"``, ``"batchnorm"``, ``"c=0.9"``, ``"density"``...)."""

@@ -215,7 +215,8 @@ def _anderson_solve(g, y, tol, max_iter, memory=5, reg=None, rtol=0.0):
                   jnp.ones((batch,), bool))
     res0 = _max_abs(step0)
     init = (jnp.ones((), jnp.int32), y, fy, _norm2(step0), xs, fs,
-            jnp.ones((batch,), jnp.int32), jnp.zeros((batch,), bool), fy, res0 <= tol + rtol * _max_abs(fy),
+            jnp.ones((batch,), jnp.int32), jnp.zeros((batch,), bool), fy,
+            res0 <= tol + rtol * _max_abs(fy),
             jnp.ones((batch,), jnp.int32), res0)
     state = lax.while_loop(cond, body, init)
     _, _, _, _, _, _, _, _, out, done, iters, res = state

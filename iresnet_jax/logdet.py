@@ -241,7 +241,7 @@ def _estimate(g: Fn, x: Array, v: Array, weights: Array | None, *, n_terms: int,
     if gradient == "autodiff":
         gx, apply = _apply_fn(g, x, mode, n_samples)
         acc, _ = _series_chain(apply, v, weights, n_terms, n_always, _n_lead(n_samples),
-                           want_neumann=False)
+                               want_neumann=False)
         return gx, _finish(acc, n_samples)
     if weights is None:
         weights = jnp.ones((n_terms,), x.dtype)

@@ -1,6 +1,5 @@
 """Spectral normalization on the true convolution operator, and its certificates."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -151,7 +151,8 @@ class MultiscaleDensity(nn.Module):
                              "coeff=None")
         block_kw = dict(hidden=self.hidden, coeff=self.coeff, n_power_iter=self.n_power_iter,
                         activation=self.activation, logdet=self.logdet, padding=self.padding,
-                        narrowing=self.narrowing, inverse_tol=self.inverse_tol, inverse_max_iter=self.inverse_max_iter,
+                        narrowing=self.narrowing, inverse_tol=self.inverse_tol,
+                        inverse_max_iter=self.inverse_max_iter,
                         inverse_method=self.inverse_method, inverse_rtol=self.inverse_rtol)
         self.scales = [block_stack(n, i == 0, self.remat, self.unroll, **block_kw)
                        for i, n in enumerate(self.blocks_per_scale)]

@@ -169,4 +169,3 @@ class Glow(nn.Module, DensityFlowMixin):
 
     def sample(self, n: int, dim: int = 2) -> Array:
         return DensityFlowMixin.sample(self, n, dim)
-

@@ -44,6 +44,8 @@ from iresnet_jax.train import experiment, parallel, steps
 from iresnet_jax.train.checkpoint import Checkpointer
 
 EVALUATION_FILE = "evaluation.json"
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockBound:
     """Lipschitz bound of one residual branch: the product of its convs' operator norms

@@ -248,4 +248,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
              f"figure {figure}")
     logging.info("metrics: %s", metrics)
     return metrics
-
