@@ -26,3 +26,17 @@ def test_precision_check_reconstructs_on_cpu_at_both_precisions():
         assert r["log_prob_difference_default_vs_highest"] < 1e-3
     assert r["highest"]["recon_max_abs_error"] < 1e-5
     assert np.isfinite(r["default"]["log_prob_first"])
+
+
+def test_ab_compares_variants_of_one_function_on_a_tiny_model():
+    from benchmarks import ab
+    small = {"blocks_per_scale": [1, 1, 1], "hidden": 4}
+    variants = [{**small, "narrowing": "conv"}, {**small, "narrowing": "col2im"}]
+    r = ab.compare("density.inverse20", variants, rounds=1, calls=1,
+                   preset="digits_density", batch=2, shape=(8, 8, 1))
+    assert [v["overrides"] for v in r["variants"]] == variants
+    assert r["variants"][0]["median_relative_to_first"] == 1.0
+    assert all(v["median"] > 0 and v["compile"] > 0 for v in r["variants"])
+    r = ab.compare("classifier.train", [{"stages": [1, 1, 1], "hidden": 4}], rounds=1,
+                   calls=1, preset="digits_classifier", batch=2, shape=(8, 8, 1))
+    assert r["variants"][0]["min"] > 0

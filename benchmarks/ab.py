@@ -1,0 +1,168 @@
+"""Interleaved A/B timing of model variants in one process.
+
+This machine's run-to-run spread (10-20% per key between two runs of the same code) hides
+most single changes. This script compiles every variant of one ANCHORS.md function in the
+same process and times them in interleaved rounds (``--rounds`` rounds of ``--calls``
+calls of each variant), so that the variants share the machine's state; it prints one JSON
+object with each variant's compile seconds (trace + lower + compile), median and min
+seconds per call, and its median relative to the first variant.
+
+Variants are keyword overrides of the model preset, as JSON objects::
+
+    python -m benchmarks.ab --key classifier.train '{"narrowing": "conv"}' '{"narrowing": "col2im"}'
+    python -m benchmarks.ab --key density.train_logdet_neumann '{}' '{"narrowing": "col2im"}'
+    python -m benchmarks.ab --key density.train_logdet '{"remat": true}' '{"remat": false}'
+
+Keys (as in ``benchmarks.anchor``): ``density.forward``, ``density.train``,
+``density.train_logdet``, ``density.train_logdet_neumann``, ``density.inverse20``,
+``classifier.forward``, ``classifier.train``, ``classifier.inverse20``. The README's A/B
+numbers of 2026-11-29 ("Narrowing convs output-side") were measured this way. Nothing is
+asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from benchmarks import anchor
+from iresnet_jax import models
+from iresnet_jax import runtime
+from iresnet_jax.models import density as density_lib
+
+KEYS = ("density.forward", "density.train", "density.train_logdet",
+        "density.train_logdet_neumann", "density.inverse20", "classifier.forward",
+        "classifier.train", "classifier.inverse20")
+_LOGDET = {"density.train": anchor.NONE, "density.train_logdet": anchor.SERIES,
+           "density.train_logdet_neumann": anchor.NEUMANN}
+
+
+def _inputs(batch: int, shape: tuple[int, ...]):
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, anchor.N_BINS, (batch,) + shape).astype(np.float32)
+    x = density_lib.dequantize(jax.random.key(7), jnp.asarray(pixels), anchor.N_BINS)
+    labels = jnp.asarray(rng.integers(0, 10, (batch,)).astype(np.int32))
+    return x, labels
+
+
+def build(key: str, overrides: dict, preset: str | None, batch: int,
+          shape: tuple[int, ...]):
+    """``(fn, args)`` for ``key`` on the preset with ``overrides``."""
+    if key not in KEYS:
+        raise ValueError(f"unknown key {key!r}; known: {KEYS}")
+    kind = key.split(".")[0]
+    preset = preset or f"anchors_{kind}"
+    x, labels = _inputs(batch, shape)
+    dim = int(np.prod(shape))
+    if kind == "density":
+        model = models.build(preset, **overrides)
+        variables = jax.jit(model.init)({"params": jax.random.key(0),
+                                         "logdet": jax.random.key(1)}, x)
+        plain = model.clone(logdet=anchor.NONE)
+        if key == "density.forward":
+            return (lambda v, x: plain.apply(v, x)[0]), (variables, x)
+        if key == "density.inverse20":
+            inv = models.build(preset, **{**overrides, "logdet_method": "none",
+                                          "inverse_tol": 0.0, "inverse_max_iter": 20})
+            z = jax.jit(lambda v, x: plain.apply(v, x)[0])(variables, x)
+            return (lambda v, z: inv.apply(v, z, method="inverse")), (variables, z)
+        step_model = model.clone(logdet=_LOGDET[key])
+        rngs = {"logdet": jax.random.key(2)}
+
+        def loss(params, state, x):
+            log_prob, new_state = step_model.apply(
+                {"params": params, **state}, x, train=True, mutable=["spectral"],
+                rngs=rngs, method="log_prob")
+            return jnp.mean(density_lib.bits_per_dim(log_prob, dim, anchor.N_BINS)), new_state
+
+        state = {k: v for k, v in variables.items() if k != "params"}
+        return jax.value_and_grad(loss, has_aux=True), (variables["params"], state, x)
+
+    model = models.build(preset, **overrides)
+    variables = jax.jit(model.init)({"params": jax.random.key(0)}, x)
+    if key == "classifier.forward":
+        return (lambda v, x: model.apply(v, x)), (variables, x)
+    if key == "classifier.inverse20":
+        inv = models.build(preset, **{**overrides, "inverse_tol": 0.0,
+                                      "inverse_max_iter": 20})
+        z = jax.jit(lambda v, x: model.apply(v, x, method="features"))(variables, x)
+        return (lambda v, z: inv.apply(v, z, method="inverse")), (variables, z)
+
+    def loss(params, state, x, labels):
+        logits, new_state = model.apply({"params": params, **state}, x, train=True,
+                                        mutable=["spectral", "batch_stats"])
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        return jnp.mean(ce), new_state
+
+    state = {k: v for k, v in variables.items() if k != "params"}
+    return jax.value_and_grad(loss, has_aux=True), (variables["params"], state, x, labels)
+
+
+def compare(key: str, variants: list[dict], *, rounds: int = 6, calls: int = 3,
+            preset: str | None = None, batch: int = 64,
+            shape: tuple[int, ...] = (28, 28, 1)) -> dict:
+    """Compiles every variant, then times them in interleaved rounds."""
+    compiled = []
+    results = {"key": key, "rounds": rounds, "calls_per_round": calls, "batch": batch,
+               "variants": []}
+    for overrides in variants:
+        fn, args = build(key, overrides, preset, batch, shape)
+        t0 = time.perf_counter()
+        c = jax.jit(fn).lower(*args).compile()
+        compile_s = time.perf_counter() - t0
+        jax.block_until_ready(c(*args))
+        compiled.append((c, args))
+        results["variants"].append({"overrides": overrides, "compile": compile_s})
+        print(f"compiled {json.dumps(overrides)} in {compile_s:.1f} s", file=sys.stderr,
+              flush=True)
+    times = [[] for _ in variants]
+    for _ in range(rounds):
+        for i, (c, args) in enumerate(compiled):
+            for _ in range(calls):
+                t0 = time.perf_counter()
+                jax.block_until_ready(c(*args))
+                times[i].append(time.perf_counter() - t0)
+    base = statistics.median(times[0])
+    for entry, ts in zip(results["variants"], times):
+        entry.update(median=statistics.median(ts), min=min(ts),
+                     median_relative_to_first=statistics.median(ts) / base)
+    return results
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--key", required=True, choices=KEYS)
+    parser.add_argument("variants", nargs="+",
+                        help="JSON objects of model overrides, e.g. '{\"narrowing\": \"conv\"}'")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--calls", type=int, default=3, help="calls per variant per round")
+    parser.add_argument("--preset", default=None,
+                        help="model preset (default: anchors_density / anchors_classifier)")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--shape", default="28,28,1", help="input shape H,W,C")
+    args = parser.parse_args(argv)
+    if argv is None:
+        runtime.relaunch_with_hugepages()
+    try:
+        variants = [json.loads(v) for v in args.variants]
+    except json.JSONDecodeError as e:
+        parser.error(f"each variant must be a JSON object of model overrides: {e}")
+    if not all(isinstance(v, dict) for v in variants):
+        parser.error("each variant must be a JSON object, e.g. '{\"narrowing\": \"conv\"}'")
+    shape = tuple(int(s) for s in args.shape.split(","))
+    results = compare(args.key, variants, rounds=args.rounds, calls=args.calls,
+                      preset=args.preset, batch=args.batch, shape=shape)
+    results["allocator"] = runtime.status()
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
