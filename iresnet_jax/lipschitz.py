@@ -119,7 +119,7 @@ def _is_unit_stride(strides) -> bool:
     return tuple(strides) == (1, 1)
 
 
-NARROWING = ("conv", "col2im")
+NARROWING = ("conv", "col2im", "auto")
 
 
 def conv2d(x: Array, kernel: Array, *, strides: int | Sequence[int] = 1,
@@ -142,10 +142,14 @@ def conv2d(x: Array, kernel: Array, *, strides: int | Sequence[int] = 1,
     (``C_in > C_out``, the last conv of a branch) is computed: ``"conv"`` (``lax.conv``)
     or ``"col2im"`` (``conv2d_col2im``: one matrix product onto output-side patches and a
     sum of shifted slices). Both are the same operator; which is faster depends on the
-    shapes and the backend (``conv2d_col2im`` has the measurements).
+    shapes and the backend (``conv2d_col2im`` has the measurements). ``"auto"``:
+    ``"col2im"`` on CPU, where it was measured, ``"conv"`` on other backends (their
+    convolution libraries were not compared).
     """
     if narrowing not in NARROWING:
         raise ValueError(f"narrowing must be one of {NARROWING}, got {narrowing!r}")
+    if narrowing == "auto":
+        narrowing = "col2im" if jax.default_backend() == "cpu" else "conv"
     if isinstance(strides, int):
         strides = (strides, strides)
     unit = _is_unit_stride(strides)

@@ -287,3 +287,13 @@ def test_conv2d_col2im_equals_lax_conv_with_gradients(x64, ksize):
 def test_conv2d_rejects_unknown_narrowing():
     with pytest.raises(ValueError, match="narrowing"):
         lipschitz.conv2d(jnp.ones((1, 4, 4, 3)), jnp.ones((3, 3, 3, 1)), narrowing="fft")
+
+
+def test_conv2d_auto_narrowing_is_col2im_on_cpu_and_lax_conv_elsewhere():
+    x = jnp.ones((1, 4, 4, 6))
+    kernel = jnp.ones((3, 3, 6, 2))
+    jaxpr = str(jax.make_jaxpr(lambda v: lipschitz.conv2d(v, kernel, narrowing="auto"))(x))
+    on_cpu = jax.default_backend() == "cpu"
+    assert ("conv_general_dilated" in jaxpr) == (not on_cpu)
+    np.testing.assert_allclose(lipschitz.conv2d(x, kernel, narrowing="auto"),
+                               lipschitz.conv2d(x, kernel), rtol=1e-6)

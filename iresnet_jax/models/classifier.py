@@ -167,9 +167,10 @@ class IResNetFeatures(nn.Module):
       remat: rematerialize each block in the backward pass.
       unroll: blocks per iteration of each stage's compiled loop (``flow.BlockStack``).
       narrowing: how the branches' channel-narrowing convs are computed: ``"col2im"``
-        (the default here; ``lipschitz.conv2d_col2im``: the ANCHORS.md classifier's
-        training step ~15-20% and its inverse ~20-25% faster on a 2-core CPU) or
-        ``"conv"`` (``lax.conv``); the same operator either way.
+        (``lipschitz.conv2d_col2im``: the ANCHORS.md classifier's training step ~15-20%
+        and its inverse ~20-25% faster on a 2-core CPU), ``"conv"`` (``lax.conv``) or
+        ``"auto"`` (the default: ``"col2im"`` on CPU, ``"conv"`` on GPU/TPU, where it
+        was not measured); the same operator either way.
       inverse_tol, inverse_max_iter, inverse_method, inverse_rtol: fixed-point inverse
         settings (``inverse.fixed_point``'s ``tol``, ``max_iter``, ``method``, ``rtol``).
 
@@ -190,7 +191,7 @@ class IResNetFeatures(nn.Module):
     remat: bool = False
     unroll: int = 1
     padding: str = "SAME"
-    narrowing: str = "col2im"
+    narrowing: str = "auto"
     inverse_tol: float = 1e-6
     inverse_max_iter: int = 100
     inverse_method: str = "plain"
