@@ -29,28 +29,17 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
 from benchmarks import anchor
 from iresnet_jax import models
 from iresnet_jax import runtime
-from iresnet_jax.models import density as density_lib
 
 KEYS = ("density.forward", "density.train", "density.train_logdet",
         "density.train_logdet_neumann", "density.inverse20", "classifier.forward",
         "classifier.train", "classifier.inverse20")
 _LOGDET = {"density.train": anchor.NONE, "density.train_logdet": anchor.SERIES,
            "density.train_logdet_neumann": anchor.NEUMANN}
-
-
-def _inputs(batch: int, shape: tuple[int, ...]):
-    rng = np.random.default_rng(0)
-    pixels = rng.integers(0, anchor.N_BINS, (batch,) + shape).astype(np.float32)
-    x = density_lib.dequantize(jax.random.key(7), jnp.asarray(pixels), anchor.N_BINS)
-    labels = jnp.asarray(rng.integers(0, 10, (batch,)).astype(np.int32))
-    return x, labels
 
 
 def build(key: str, overrides: dict, preset: str | None, batch: int,
@@ -60,8 +49,7 @@ def build(key: str, overrides: dict, preset: str | None, batch: int,
         raise ValueError(f"unknown key {key!r}; known: {KEYS}")
     kind = key.split(".")[0]
     preset = preset or f"anchors_{kind}"
-    x, labels = _inputs(batch, shape)
-    dim = int(np.prod(shape))
+    _, x, labels = anchor._data(batch, shape)
     if kind == "density":
         model = models.build(preset, **overrides)
         variables = jax.jit(model.init)({"params": jax.random.key(0),
@@ -74,15 +62,7 @@ def build(key: str, overrides: dict, preset: str | None, batch: int,
                                           "inverse_tol": 0.0, "inverse_max_iter": 20})
             z = jax.jit(lambda v, x: plain.apply(v, x)[0])(variables, x)
             return (lambda v, z: inv.apply(v, z, method="inverse")), (variables, z)
-        step_model = model.clone(logdet=_LOGDET[key])
-        rngs = {"logdet": jax.random.key(2)}
-
-        def loss(params, state, x):
-            log_prob, new_state = step_model.apply(
-                {"params": params, **state}, x, train=True, mutable=["spectral"],
-                rngs=rngs, method="log_prob")
-            return jnp.mean(density_lib.bits_per_dim(log_prob, dim, anchor.N_BINS)), new_state
-
+        loss = anchor.density_loss(model.clone(logdet=_LOGDET[key]), int(np.prod(shape)))
         state = {k: v for k, v in variables.items() if k != "params"}
         return jax.value_and_grad(loss, has_aux=True), (variables["params"], state, x)
 
@@ -95,15 +75,9 @@ def build(key: str, overrides: dict, preset: str | None, batch: int,
                                       "inverse_max_iter": 20})
         z = jax.jit(lambda v, x: model.apply(v, x, method="features"))(variables, x)
         return (lambda v, z: inv.apply(v, z, method="inverse")), (variables, z)
-
-    def loss(params, state, x, labels):
-        logits, new_state = model.apply({"params": params, **state}, x, train=True,
-                                        mutable=["spectral", "batch_stats"])
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-        return jnp.mean(ce), new_state
-
     state = {k: v for k, v in variables.items() if k != "params"}
-    return jax.value_and_grad(loss, has_aux=True), (variables["params"], state, x, labels)
+    return jax.value_and_grad(anchor.classifier_loss(model), has_aux=True), (
+        variables["params"], state, x, labels)
 
 
 def compare(key: str, variants: list[dict], *, rounds: int = 6, calls: int = 3,

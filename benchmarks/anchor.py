@@ -114,12 +114,37 @@ NEUMANN = logdet_lib.LogDetConfig("series", n_terms=5, gradient="neumann")
 NONE = logdet_lib.LogDetConfig("none")
 
 
-def _data():
+def _data(batch: int = BATCH, shape: tuple[int, ...] = SHAPE):
     rng = np.random.default_rng(0)
-    pixels = rng.integers(0, N_BINS, (BATCH,) + SHAPE).astype(np.float32)
+    pixels = rng.integers(0, N_BINS, (batch,) + tuple(shape)).astype(np.float32)
     x = np.asarray(density_lib.dequantize(jax.random.key(7), jnp.asarray(pixels), N_BINS))
-    labels = rng.integers(0, 10, (BATCH,)).astype(np.int32)
+    labels = rng.integers(0, 10, (batch,)).astype(np.int32)
     return jnp.asarray(pixels), jnp.asarray(x), jnp.asarray(labels)
+
+
+def density_loss(model, dim: int = DIM):
+    """``(params, state, x) -> (mean bits/dim, new spectral state)``: what a density
+    training step differentiates (log-det probes from a fixed key)."""
+    rngs = {"logdet": jax.random.key(2)}
+
+    def loss(params, state, x):
+        log_prob, new_state = model.apply(
+            {"params": params, **state}, x, train=True, mutable=["spectral"],
+            rngs=rngs, method="log_prob")
+        return jnp.mean(density_lib.bits_per_dim(log_prob, dim, N_BINS)), new_state
+
+    return loss
+
+
+def classifier_loss(model):
+    """``(params, state, x, labels) -> (mean cross-entropy, new state)``."""
+    def loss(params, state, x, labels):
+        logits, new_state = model.apply({"params": params, **state}, x, train=True,
+                                        mutable=["spectral", "batch_stats"])
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        return jnp.mean(ce), new_state
+
+    return loss
 
 
 def _record(results, name, r, extra=None):
@@ -185,7 +210,6 @@ def density_benchmarks(results, repeats, warmup, wanted, with_step=False):
     results["density.num_params"] = models.count_params(variables["params"])
     params = variables["params"]
     model_state = {k: v for k, v in variables.items() if k != "params"}
-    rngs = {"logdet": jax.random.key(2)}
 
     plain = base.clone(logdet=NONE)
     if wanted("density.forward"):
@@ -197,15 +221,7 @@ def density_benchmarks(results, repeats, warmup, wanted, with_step=False):
                       ("density.train_logdet_neumann", NEUMANN)):
         if not wanted(name):
             continue
-        model = base.clone(logdet=cfg)
-
-        def loss(params, state, x, model=model):
-            log_prob, new_state = model.apply(
-                {"params": params, **state}, x, train=True, mutable=["spectral"],
-                rngs=rngs, method="log_prob")
-            return jnp.mean(density_lib.bits_per_dim(log_prob, DIM, N_BINS)), new_state
-
-        grad_fn = jax.value_and_grad(loss, has_aux=True)
+        grad_fn = jax.value_and_grad(density_loss(base.clone(logdet=cfg)), has_aux=True)
         r = compile_and_time(grad_fn, params, model_state, x, repeats=repeats, warmup=warmup)
         extra = {"loss_bits_per_dim": float(r["output"][0][0])}
         if r["flops"]:
@@ -252,13 +268,7 @@ def classifier_benchmarks(results, repeats, warmup, wanted):
         _record(results, "classifier.forward", r)
 
     if wanted("classifier.train"):
-        def loss(params, state, x, labels):
-            logits, new_state = base.apply({"params": params, **state}, x, train=True,
-                                           mutable=["spectral", "batch_stats"])
-            ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-            return jnp.mean(ce), new_state
-
-        grad_fn = jax.value_and_grad(loss, has_aux=True)
+        grad_fn = jax.value_and_grad(classifier_loss(base), has_aux=True)
         r = compile_and_time(grad_fn, params, model_state, x, labels, repeats=repeats,
                              warmup=warmup)
         extra = {}
