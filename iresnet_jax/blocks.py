@@ -136,8 +136,8 @@ class ConvBranch(_Branch):
       zero_init_last: initialize the last conv at zero, so the block starts as identity.
       padding: ``"SAME"`` (zeros) or ``"CIRCULAR"``.
       narrowing: how convs that narrow the channels are computed, ``"conv"``,
-        ``"col2im"`` or ``"auto"`` (``lipschitz.conv2d``; the same operator, a speed
-        choice).
+        ``"col2im"``, ``"hybrid"``, ``"auto"`` or ``"auto_hybrid"``
+        (``lipschitz.conv2d``; the same operator, a speed choice).
 
     Example:
       >>> branch = ConvBranch(hidden=32, coeff=0.9)

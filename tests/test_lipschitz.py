@@ -284,6 +284,48 @@ def test_conv2d_col2im_equals_lax_conv_with_gradients(x64, ksize):
         np.testing.assert_allclose(via, expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("ksize", [(2, 2), (3, 3), (5, 3)])
+def test_conv2d_hybrid_narrowing_value_and_derivatives_equal_lax_conv(x64, ksize):
+    """``narrowing="hybrid"``: the output-side value with ``lax.conv``'s JVP. Its value,
+    forward-mode and reverse-mode derivatives, and the second-order derivatives that a
+    log-det gradient takes (the gradient of a VJP), all agree with ``lax.conv``."""
+    k1, k2, k3 = jax.random.split(jax.random.key(17), 3)
+    kernel = jax.random.normal(k1, ksize + (6, 2), jnp.float64)
+    x = jax.random.normal(k2, (2, 5, 7, 6), jnp.float64)
+    cot = jax.random.normal(k3, (2, 5, 7, 2), jnp.float64)
+
+    def reference(x, kernel):
+        return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                            precision="highest")
+
+    def hybrid(x, kernel):
+        return lipschitz.conv2d(x, kernel, narrowing="hybrid", precision="highest")
+
+    def close(a, b):
+        np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-11)
+
+    jaxpr = str(jax.make_jaxpr(hybrid)(x, kernel))
+    assert "conv_general_dilated" not in jaxpr and "custom_jvp_call" in jaxpr
+    close(hybrid(x, kernel), reference(x, kernel))
+    close(jax.jvp(hybrid, (x, kernel), (x, kernel))[1],
+          jax.jvp(reference, (x, kernel), (x, kernel))[1])
+    for g, e in zip(jax.vjp(hybrid, x, kernel)[1](cot), jax.vjp(reference, x, kernel)[1](cot)):
+        close(g, e)
+    # Only the input perturbed (the fixed-point inverse's and log-det's VJPs in x).
+    close(jax.vjp(lambda v: hybrid(v, kernel), x)[1](cot)[0],
+          jax.vjp(lambda v: reference(v, kernel), x)[1](cot)[0])
+
+    def second_order(conv):
+        def loss(x, kernel):
+            _, vjp = jax.vjp(lambda v: jnp.tanh(conv(v, kernel)), x)
+            return jnp.sum(jnp.sin(vjp(cot)[0]))
+        return jax.grad(loss, (0, 1))(x, kernel)
+
+    for g, e in zip(second_order(hybrid), second_order(reference)):
+        close(g, e)
+
+
 def test_conv2d_rejects_unknown_narrowing():
     with pytest.raises(ValueError, match="narrowing"):
         lipschitz.conv2d(jnp.ones((1, 4, 4, 3)), jnp.ones((3, 3, 3, 1)), narrowing="fft")
@@ -297,3 +339,7 @@ def test_conv2d_auto_narrowing_is_col2im_on_cpu_and_lax_conv_elsewhere():
     assert ("conv_general_dilated" in jaxpr) == (not on_cpu)
     np.testing.assert_allclose(lipschitz.conv2d(x, kernel, narrowing="auto"),
                                lipschitz.conv2d(x, kernel), rtol=1e-6)
+    jaxpr = str(jax.make_jaxpr(
+        lambda v: lipschitz.conv2d(v, kernel, narrowing="auto_hybrid"))(x))
+    assert ("custom_jvp_call" in jaxpr) == on_cpu
+    assert ("conv_general_dilated" in jaxpr) == (not on_cpu)

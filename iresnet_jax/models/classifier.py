@@ -170,7 +170,8 @@ class IResNetFeatures(nn.Module):
         (``lipschitz.conv2d_col2im``: the ANCHORS.md classifier's training step ~15-20%
         and its inverse ~20-25% faster on a 2-core CPU), ``"conv"`` (``lax.conv``) or
         ``"auto"`` (the default: ``"col2im"`` on CPU, ``"conv"`` on GPU/TPU, where it
-        was not measured); the same operator either way.
+        was not measured); ``"hybrid"`` and ``"auto_hybrid"`` as in
+        ``MultiscaleDensity`` (no faster here); the same operator either way.
       inverse_tol, inverse_max_iter, inverse_method, inverse_rtol: fixed-point inverse
         settings (``inverse.fixed_point``'s ``tol``, ``max_iter``, ``method``, ``rtol``).
 
