@@ -35,7 +35,10 @@ reference's (``ratio.*``), the log-det overhead, and the load average before and
 On a shared machine ``machine_share`` (this run's matmul rate over the 239 GFLOP/s of
 ANCHORS.md) and ``ratio_load_adjusted.*`` (ratio times that share) give a rough estimate
 of the ratios on an unloaded machine; they are estimates, not measurements. Each timed
-key also has ``*.page_faults`` and ``*.system_seconds`` per call.
+key also has ``*.page_faults`` and ``*.system_seconds`` per call. With ``--reference FILE``
+(the JSON of ``python -m benchmarks.reference_torch``, which times the official PyTorch code
+on this machine) the ratios to that measurement are added as ``ratio_measured.*``: the
+comparison ANCHORS.md asks for, both timed on one machine in one session.
 
 The allocator: by default the script restarts itself once with
 ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (``iresnet_jax.runtime``; transparent huge
@@ -286,6 +289,31 @@ def classifier_benchmarks(results, repeats, warmup, wanted):
                       wanted)
 
 
+def _reference_for(name: str, reference: dict) -> float | None:
+    """The reference time a goal key is compared with (``inverse_tol``: their
+    ``inverse20``; the Neumann step: their 5-term log-det step)."""
+    if name.endswith("inverse_tol"):
+        name = name.replace("inverse_tol", "inverse20")
+    elif name.endswith("neumann"):
+        name = "density.train_logdet"
+    return reference.get(name)
+
+
+def summarize_measured_reference(results, measured: dict):
+    """Ratios to a reference measured on this machine (``benchmarks.reference_torch``):
+    ``reference_measured.*`` and ``ratio_measured.*``."""
+    for name in REFERENCE:
+        if name in measured:
+            results[f"reference_measured.{name}"] = measured[name]
+    for key in ("torch", "matmul_gflops", "date_utc", "load_average_before"):
+        if key in measured:
+            results[f"reference_measured.{key}"] = measured[key]
+    for name in list(GOALS) + ["classifier.forward"]:
+        ref = _reference_for(name, measured)
+        if name in results and ref:
+            results[f"ratio_measured.{name}"] = results[name] / ref
+
+
 def summarize(results):
     """Adds the reference times, our ratios, the log-det overhead and the FLOP rate."""
     for name, ref in REFERENCE.items():
@@ -295,13 +323,7 @@ def summarize(results):
     for name in GOALS:
         if name not in results:
             continue
-        if name.endswith("inverse_tol"):
-            ref = REFERENCE[name.replace("inverse_tol", "inverse20")]
-        elif name.endswith("neumann"):
-            ref = REFERENCE["density.train_logdet"]
-        else:
-            ref = REFERENCE[name]
-        ratios[name] = results[name] / ref
+        ratios[name] = results[name] / _reference_for(name, REFERENCE)
         results[f"ratio.{name}"] = ratios[name]
         results[f"goal.{name}"] = GOALS[name]
     if results.get("matmul_gflops"):
@@ -340,6 +362,9 @@ def main(argv=None):
                         help="also time the library's whole training step "
                              "(density.train_logdet_step; one more long compile)")
     parser.add_argument("--output", default="", help="also write the JSON to this file")
+    parser.add_argument("--reference", default="",
+                        help="JSON of benchmarks.reference_torch measured on this machine: "
+                             "adds ratio_measured.* (our time over that measurement)")
     parser.add_argument("--allocator", choices=("hugepages", "default"), default="hugepages",
                         help="hugepages: restart once with GLIBC_TUNABLES=glibc.malloc.hugetlb=1"
                              " where that helps (iresnet_jax.runtime); default: run as started")
@@ -370,6 +395,9 @@ def main(argv=None):
     results["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
     results["wall_seconds"] = time.time() - t0
     summarize(results)
+    if args.reference:
+        with open(args.reference) as f:
+            summarize_measured_reference(results, json.load(f))
     text = json.dumps(results, indent=1, sort_keys=True)
     if args.output:
         with open(args.output, "w") as f:

@@ -40,3 +40,29 @@ def test_ab_compares_variants_of_one_function_on_a_tiny_model():
     r = ab.compare("classifier.train", [{"stages": [1, 1, 1], "hidden": 4}], rounds=1,
                    calls=1, preset="digits_classifier", batch=2, shape=(8, 8, 1))
     assert r["variants"][0]["min"] > 0
+
+
+def test_anchor_ratios_to_a_reference_measured_on_this_machine():
+    """``benchmarks.anchor --reference FILE``: our time over the measured reference's,
+    with the same pairing as the ANCHORS.md ratios (the tolerance inverse against their
+    20-iteration inverse, the Neumann step against their 5-term log-det step)."""
+    from benchmarks import anchor
+    results = {"density.train_logdet": 0.3, "density.train_logdet_neumann": 0.15,
+               "density.inverse_tol": 0.05, "classifier.forward": 0.06}
+    measured = {"density.train_logdet": 0.6, "density.inverse20": 0.25,
+                "classifier.forward": 0.04, "torch": "2.13.0", "matmul_gflops": 150.0}
+    anchor.summarize_measured_reference(results, measured)
+    assert results["ratio_measured.density.train_logdet"] == 0.5
+    assert results["ratio_measured.density.train_logdet_neumann"] == 0.25
+    assert results["ratio_measured.density.inverse_tol"] == 0.2
+    assert results["ratio_measured.classifier.forward"] == 1.5
+    assert results["reference_measured.torch"] == "2.13.0"
+    assert "ratio_measured.density.train" not in results   # neither side has it
+
+
+def test_reference_torch_names_a_missing_checkout(tmp_path, capsys):
+    import pytest
+    from benchmarks import reference_torch
+    with pytest.raises(SystemExit):
+        reference_torch.main(["--repo", str(tmp_path)])
+    assert "models/conv_iResNet.py" in capsys.readouterr().err

@@ -1,0 +1,198 @@
+"""Times the official PyTorch i-ResNet at the ANCHORS.md configuration, on this machine.
+
+ANCHORS.md gives the reference's times as measured on another 2-core machine. To compare
+ratios from one session on one machine, this script builds the same two models from a
+local checkout of the official code (github.com/jhjacobsen/invertible-resnet; not part of
+this project, and not downloaded by it) and times the ANCHORS.md functions the way
+``benchmarks.anchor`` times ours. It prints one JSON object with the same keys
+(``density.forward``, ``density.train``, ``density.train_logdet``, ``density.inverse20``,
+``classifier.forward``, ``classifier.train``, ``classifier.inverse20``; medians of
+``--repeats`` calls after ``--warmup``), ``*.min``, the inverses' max reconstruction
+errors, parameter counts, and a float32 1024x1024 matmul rate through torch.
+``python -m benchmarks.anchor --reference FILE`` then reports our times as fractions of
+these (``ratio_measured.*``) beside the ANCHORS.md ratios.
+
+Needs ``torch`` (ANCHORS.md used 2.13, CPU build; not a dependency of this project) and
+the checkout::
+
+    python -m benchmarks.reference_torch --repo /path/to/invertible-resnet --output ref.json
+    python -m benchmarks.anchor --reference ref.json
+
+The checkout needs small fixes to run on current PyTorch and NumPy (as found on
+2026-11-29): ``matrix_utils.py`` imports ``zero_gradients`` from
+``torch.autograd.gradcheck`` (removed in PyTorch 1.9; only its exact-trace function uses
+it, so guard the import) and calls ``np.float`` (removed in NumPy 1.24; use ``float``).
+Older revisions of ``models/conv_iResNet.py`` also pass a stray ``clipping`` argument in
+the multiscale model's ``_make_stack`` methods (removed upstream in a later commit). The
+script checks that the models have the ANCHORS.md parameter counts (51,680 and 214,650)
+and reports them.
+
+The models (ANCHORS.md): density, ``multiscale_conv_iResNet((1, 28, 28), [4, 4, 4],
+[1, 2, 1], [32, 32, 32], init_squeeze=True, coeff=0.9, density_estimation=True,
+numTraceSamples=1, numSeriesTerms=5, n_power_iter=5, actnorm=True, learn_prior=True,
+nonlin="elu")``; classifier, ``conv_iResNet((1, 28, 28), [4, 4, 4], [1, 2, 2], [32, 32,
+32], init_ds=1, inj_pad=3, coeff=0.9, nClasses=10, n_power_iter=5, actnorm=True,
+nonlin="elu")``. Training steps are ``zero_grad`` + training forward (5 power iterations
+per spectrally normalized conv) + loss + ``backward``, without the optimizer update, as
+``benchmarks.anchor`` times ours; the evaluation forward runs in ``eval()`` mode under
+``no_grad`` without the log-det; the inverses run 20 fixed-point iterations per block.
+Nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+BATCH = 64
+N_BINS = 256
+DIM = 28 * 28
+PARAMS = {"density": 51_680, "classifier": 214_650}
+
+
+def _time(fn, repeats: int, warmup: int) -> dict:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return {"median": statistics.median(times), "min": min(times)}
+
+
+def _matmul_gflops(torch, n: int = 1024, repeats: int = 10) -> float:
+    a = torch.randn(n, n)
+    a @ a
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ a
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
+def build(repo: str):
+    """The two ANCHORS.md models from the checkout at ``repo``."""
+    sys.path.insert(0, os.path.abspath(repo))
+    from models.conv_iResNet import conv_iResNet, multiscale_conv_iResNet
+    density = multiscale_conv_iResNet(
+        (1, 28, 28), [4, 4, 4], [1, 2, 1], [32, 32, 32], init_squeeze=True, coeff=0.9,
+        density_estimation=True, numTraceSamples=1, numSeriesTerms=5, n_power_iter=5,
+        actnorm=True, learn_prior=True, nonlin="elu")
+    classifier = conv_iResNet(
+        (1, 28, 28), [4, 4, 4], [1, 2, 2], [32, 32, 32], init_ds=1, inj_pad=3, coeff=0.9,
+        density_estimation=False, nClasses=10, numTraceSamples=0, numSeriesTerms=0,
+        n_power_iter=5, actnorm=True, nonlin="elu")
+    return density, classifier
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repo", required=True,
+                        help="a local checkout of github.com/jhjacobsen/invertible-resnet")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", default=None, help="also write the JSON here")
+    args = parser.parse_args(argv)
+    if not os.path.isfile(os.path.join(args.repo, "models", "conv_iResNet.py")):
+        parser.error(f"--repo {args.repo!r} has no models/conv_iResNet.py: pass a checkout "
+                     "of github.com/jhjacobsen/invertible-resnet")
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        parser.error("this script needs torch (pip install torch); it is not a dependency "
+                     "of iresnet-jax")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    results: dict = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                     "batch": BATCH, "machine": platform.machine(),
+                     "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+                     "load_average_before": list(os.getloadavg())}
+    results["matmul_gflops"] = _matmul_gflops(torch)
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, N_BINS, (BATCH, 1, 28, 28)).astype(np.float32)
+    x = torch.from_numpy((pixels + rng.uniform(size=pixels.shape).astype(np.float32))
+                         / N_BINS)
+    labels = torch.from_numpy(rng.integers(0, 10, (BATCH,)).astype(np.int64))
+    density, classifier = build(args.repo)
+    for name, model in (("density", density), ("classifier", classifier)):
+        n = sum(p.numel() for p in model.parameters())
+        results[f"{name}.params"] = n
+        if n != PARAMS[name]:
+            print(f"warning: the {name} model has {n:,} parameters, ANCHORS.md's has "
+                  f"{PARAMS[name]:,}", file=sys.stderr)
+
+    def record(key, fn):
+        r = _time(fn, args.repeats, args.warmup)
+        results[key] = r["median"]
+        results[f"{key}.min"] = r["min"]
+        print(f"{key}: {r['median']:.4f} s (min {r['min']:.4f})", file=sys.stderr)
+
+    bits = DIM * math.log(2.0)
+
+    def density_step(ignore_logdet):
+        def step():
+            density.train()
+            density.zero_grad(set_to_none=True)
+            _, logpz, trace = density(x, ignore_logdet=ignore_logdet)
+            loss = -(logpz + trace).mean() / bits + math.log2(N_BINS)
+            loss.backward()
+        return step
+
+    def density_forward():
+        density.eval()
+        with torch.no_grad():
+            return density(x, ignore_logdet=True)[0]
+
+    record("density.forward", density_forward)
+    record("density.train", density_step(True))
+    record("density.train_logdet", density_step(False))
+    density.eval()
+    with torch.no_grad():
+        zs = density(x, ignore_logdet=True)[0]
+    record("density.inverse20", lambda: density.inverse(zs, max_iter=20))
+    results["density.inverse20.recon_error"] = float(
+        (density.inverse(zs, max_iter=20) - x).abs().max())
+
+    def classifier_step():
+        classifier.train()
+        classifier.zero_grad(set_to_none=True)
+        logits, _ = classifier(x)
+        F.cross_entropy(logits, labels).backward()
+
+    def classifier_forward():
+        classifier.eval()
+        with torch.no_grad():
+            return classifier(x)[0]
+
+    record("classifier.forward", classifier_forward)
+    record("classifier.train", classifier_step)
+    classifier.eval()
+    with torch.no_grad():
+        features = classifier(x)[1]
+    record("classifier.inverse20", lambda: classifier.inverse(features, max_iter=20))
+    recon = classifier.inverse(features, max_iter=20)
+    results["classifier.inverse20.recon_error"] = float((recon - x).abs().max())
+    results["load_average_after"] = list(os.getloadavg())
+    text = json.dumps(results, indent=1, sort_keys=True)
+    print(text)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
