@@ -15,7 +15,8 @@ Variants are keyword overrides of the model preset, as JSON objects::
 
 Keys (as in ``benchmarks.anchor``): ``density.forward``, ``density.train``,
 ``density.train_logdet``, ``density.train_logdet_neumann``, ``density.inverse20``,
-``classifier.forward``, ``classifier.train``, ``classifier.inverse20``. The README's A/B
+``density.inverse_tol`` (plain iteration), and the classifier's ``forward``, ``train``,
+``inverse20``, ``inverse_tol``. The README's A/B
 numbers of 2026-11-29 ("Narrowing convs output-side") were measured this way. Nothing is
 asserted.
 """
@@ -36,8 +37,13 @@ from iresnet_jax import models
 from iresnet_jax import runtime
 
 KEYS = ("density.forward", "density.train", "density.train_logdet",
-        "density.train_logdet_neumann", "density.inverse20", "classifier.forward",
-        "classifier.train", "classifier.inverse20")
+        "density.train_logdet_neumann", "density.inverse20", "density.inverse_tol",
+        "classifier.forward", "classifier.train", "classifier.inverse20",
+        "classifier.inverse_tol")
+# The inverses: 20 iterations per block, or to benchmarks.anchor's relative step test.
+_INVERSE = {"inverse20": {"inverse_tol": 0.0, "inverse_max_iter": 20},
+            "inverse_tol": {"inverse_tol": 0.0, "inverse_rtol": anchor.STEP_RTOL,
+                            "inverse_max_iter": 100}}
 _LOGDET = {"density.train": anchor.NONE, "density.train_logdet": anchor.SERIES,
            "density.train_logdet_neumann": anchor.NEUMANN}
 
@@ -57,9 +63,9 @@ def build(key: str, overrides: dict, preset: str | None, batch: int,
         plain = model.clone(logdet=anchor.NONE)
         if key == "density.forward":
             return (lambda v, x: plain.apply(v, x)[0]), (variables, x)
-        if key == "density.inverse20":
+        if key.split(".")[1] in _INVERSE:
             inv = models.build(preset, **{**overrides, "logdet_method": "none",
-                                          "inverse_tol": 0.0, "inverse_max_iter": 20})
+                                          **_INVERSE[key.split(".")[1]]})
             z = jax.jit(lambda v, x: plain.apply(v, x)[0])(variables, x)
             return (lambda v, z: inv.apply(v, z, method="inverse")), (variables, z)
         loss = anchor.density_loss(model.clone(logdet=_LOGDET[key]), int(np.prod(shape)))
@@ -70,9 +76,8 @@ def build(key: str, overrides: dict, preset: str | None, batch: int,
     variables = jax.jit(model.init)({"params": jax.random.key(0)}, x)
     if key == "classifier.forward":
         return (lambda v, x: model.apply(v, x)), (variables, x)
-    if key == "classifier.inverse20":
-        inv = models.build(preset, **{**overrides, "inverse_tol": 0.0,
-                                      "inverse_max_iter": 20})
+    if key.split(".")[1] in _INVERSE:
+        inv = models.build(preset, **{**overrides, **_INVERSE[key.split(".")[1]]})
         z = jax.jit(lambda v, x: model.apply(v, x, method="features"))(variables, x)
         return (lambda v, z: inv.apply(v, z, method="inverse")), (variables, z)
     state = {k: v for k, v in variables.items() if k != "params"}

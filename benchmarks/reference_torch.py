@@ -42,6 +42,7 @@ Nothing is asserted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -95,51 +96,31 @@ def build(repo: str):
     return density, classifier
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repo", required=True,
-                        help="a local checkout of github.com/jhjacobsen/invertible-resnet")
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--output", default=None, help="also write the JSON here")
-    args = parser.parse_args(argv)
-    if not os.path.isfile(os.path.join(args.repo, "models", "conv_iResNet.py")):
-        parser.error(f"--repo {args.repo!r} has no models/conv_iResNet.py: pass a checkout "
-                     "of github.com/jhjacobsen/invertible-resnet")
-    try:
-        import torch
-        import torch.nn.functional as F
-    except ImportError:
-        parser.error("this script needs torch (pip install torch); it is not a dependency "
-                     "of iresnet-jax")
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    results: dict = {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                     "batch": BATCH, "machine": platform.machine(),
-                     "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-                     "load_average_before": list(os.getloadavg())}
-    results["matmul_gflops"] = _matmul_gflops(torch)
-
+def inputs(torch):
+    """Batch-64 MNIST-shaped inputs: dequantized pixels in [0, 1) and labels."""
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, N_BINS, (BATCH, 1, 28, 28)).astype(np.float32)
     x = torch.from_numpy((pixels + rng.uniform(size=pixels.shape).astype(np.float32))
                          / N_BINS)
     labels = torch.from_numpy(rng.integers(0, 10, (BATCH,)).astype(np.int64))
-    density, classifier = build(args.repo)
+    return x, labels
+
+
+def functions(repo: str, torch) -> tuple[dict, dict]:
+    """``({key: zero-argument callable}, info)`` for the ANCHORS.md keys, on the models of
+    the checkout at ``repo``; ``info`` has the parameter counts and, per inverse, a
+    callable returning its max reconstruction error."""
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    x, labels = inputs(torch)
+    density, classifier = build(repo)
+    info: dict = {}
     for name, model in (("density", density), ("classifier", classifier)):
         n = sum(p.numel() for p in model.parameters())
-        results[f"{name}.params"] = n
+        info[f"{name}.params"] = n
         if n != PARAMS[name]:
             print(f"warning: the {name} model has {n:,} parameters, ANCHORS.md's has "
                   f"{PARAMS[name]:,}", file=sys.stderr)
-
-    def record(key, fn):
-        r = _time(fn, args.repeats, args.warmup)
-        results[key] = r["median"]
-        results[f"{key}.min"] = r["min"]
-        print(f"{key}: {r['median']:.4f} s (min {r['min']:.4f})", file=sys.stderr)
-
     bits = DIM * math.log(2.0)
 
     def density_step(ignore_logdet):
@@ -151,20 +132,12 @@ def main(argv=None) -> dict:
             loss.backward()
         return step
 
-    def density_forward():
-        density.eval()
-        with torch.no_grad():
-            return density(x, ignore_logdet=True)[0]
-
-    record("density.forward", density_forward)
-    record("density.train", density_step(True))
-    record("density.train_logdet", density_step(False))
-    density.eval()
-    with torch.no_grad():
-        zs = density(x, ignore_logdet=True)[0]
-    record("density.inverse20", lambda: density.inverse(zs, max_iter=20))
-    results["density.inverse20.recon_error"] = float(
-        (density.inverse(zs, max_iter=20) - x).abs().max())
+    def evaluate(model, call):
+        def forward():
+            model.eval()
+            with torch.no_grad():
+                return call()
+        return forward
 
     def classifier_step():
         classifier.train()
@@ -172,19 +145,55 @@ def main(argv=None) -> dict:
         logits, _ = classifier(x)
         F.cross_entropy(logits, labels).backward()
 
-    def classifier_forward():
-        classifier.eval()
-        with torch.no_grad():
-            return classifier(x)[0]
+    # ActNorm initializes from its first batch: one training forward each, first.
+    density_step(True)()
+    classifier_step()
+    zs = evaluate(density, lambda: density(x, ignore_logdet=True)[0])()
+    features = evaluate(classifier, lambda: classifier(x)[1])()
+    fns = {
+        "density.forward": evaluate(density, lambda: density(x, ignore_logdet=True)[0]),
+        "density.train": density_step(True),
+        "density.train_logdet": density_step(False),
+        "density.inverse20": lambda: density.inverse(zs, max_iter=20),
+        "classifier.forward": evaluate(classifier, lambda: classifier(x)[0]),
+        "classifier.train": classifier_step,
+        "classifier.inverse20": lambda: classifier.inverse(features, max_iter=20),
+    }
+    info["density.inverse20.recon_error"] = lambda: float(
+        (fns["density.inverse20"]() - x).abs().max())
+    info["classifier.inverse20.recon_error"] = lambda: float(
+        (fns["classifier.inverse20"]() - x).abs().max())
+    return fns, info
 
-    record("classifier.forward", classifier_forward)
-    record("classifier.train", classifier_step)
-    classifier.eval()
-    with torch.no_grad():
-        features = classifier(x)[1]
-    record("classifier.inverse20", lambda: classifier.inverse(features, max_iter=20))
-    recon = classifier.inverse(features, max_iter=20)
-    results["classifier.inverse20.recon_error"] = float((recon - x).abs().max())
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repo", required=True,
+                        help="a local checkout of github.com/jhjacobsen/invertible-resnet")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", default=None, help="also write the JSON here")
+    parser.add_argument("--serve", action="store_true",
+                        help="worker mode for benchmarks.side_by_side: read lines 'KEY N' "
+                             "on stdin, answer each with a JSON list of N call times")
+    args = parser.parse_args(argv)
+    torch = load_torch(parser, args.repo, args.threads)
+    if args.serve:
+        return serve(args.repo, torch)
+    results: dict = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                     "batch": BATCH, "machine": platform.machine(),
+                     "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+                     "load_average_before": list(os.getloadavg())}
+    results["matmul_gflops"] = _matmul_gflops(torch)
+    fns, info = functions(args.repo, torch)
+    for key, fn in fns.items():
+        r = _time(fn, args.repeats, args.warmup)
+        results[key] = r["median"]
+        results[f"{key}.min"] = r["min"]
+        print(f"{key}: {r['median']:.4f} s (min {r['min']:.4f})", file=sys.stderr)
+    for key, value in info.items():
+        results[key] = value() if callable(value) else value
     results["load_average_after"] = list(os.getloadavg())
     text = json.dumps(results, indent=1, sort_keys=True)
     print(text)
@@ -192,6 +201,38 @@ def main(argv=None) -> dict:
         with open(args.output, "w") as f:
             f.write(text + "\n")
     return results
+
+
+def serve(repo: str, torch) -> dict:
+    """Worker loop: a JSON line with the info first, then for each stdin line ``KEY N``
+    one JSON line with the seconds of ``N`` calls of ``KEY``."""
+    with contextlib.redirect_stdout(sys.stderr):   # the official code prints as it builds
+        fns, info = functions(repo, torch)
+        info = {k: (v() if callable(v) else v) for k, v in info.items()}
+    print(json.dumps({**info, "matmul_gflops": _matmul_gflops(torch)}), flush=True)
+    for line in sys.stdin:
+        key, n = line.split()
+        times = []
+        for _ in range(int(n)):
+            t0 = time.perf_counter()
+            fns[key]()
+            times.append(time.perf_counter() - t0)
+        print(json.dumps(times), flush=True)
+    return info
+
+
+def load_torch(parser, repo: str, threads: int):
+    """``torch`` with ``threads`` threads, after checking the checkout (parser errors)."""
+    if not os.path.isfile(os.path.join(repo, "models", "conv_iResNet.py")):
+        parser.error(f"--repo {repo!r} has no models/conv_iResNet.py: pass a checkout "
+                     "of github.com/jhjacobsen/invertible-resnet")
+    try:
+        import torch
+    except ImportError:
+        parser.error("this needs torch (pip install torch); it is not a dependency of "
+                     "iresnet-jax")
+    torch.set_num_threads(threads)
+    return torch
 
 
 if __name__ == "__main__":

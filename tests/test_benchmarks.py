@@ -66,3 +66,15 @@ def test_reference_torch_names_a_missing_checkout(tmp_path, capsys):
     with pytest.raises(SystemExit):
         reference_torch.main(["--repo", str(tmp_path)])
     assert "models/conv_iResNet.py" in capsys.readouterr().err
+
+
+def test_side_by_side_pairs_keys_as_anchors_md_does():
+    from benchmarks import ab, side_by_side
+    assert side_by_side._their_key("density.inverse_tol") == "density.inverse20"
+    assert side_by_side._their_key("classifier.inverse_tol") == "classifier.inverse20"
+    assert side_by_side._their_key("density.train_logdet_neumann") == "density.train_logdet"
+    assert side_by_side._their_key("classifier.train") == "classifier.train"
+    # Every key it times has a counterpart that benchmarks.reference_torch builds.
+    built = {"density.forward", "density.train", "density.train_logdet", "density.inverse20",
+             "classifier.forward", "classifier.train", "classifier.inverse20"}
+    assert {side_by_side._their_key(k) for k in ab.KEYS} == built
