@@ -9,7 +9,10 @@ interleaved rounds (``--rounds`` rounds of ``--calls`` calls of each, the order
 alternating between rounds), so that both see the same machine. The reference runs in a
 worker process (``reference_torch --serve``) that waits while ours runs and vice versa:
 in one process, XLA's and PyTorch's thread pools got in each other's way (the
-reference's 20-iteration inverses ran 2.5 times slower than alone). It prints one JSON object
+reference's 20-iteration inverses ran 2.5 times slower than alone). Even so, interleaved
+with ours, the reference's 20-iteration density inverse took 1.2-1.5 s in the runs of
+2026-11-29 against 0.55-0.57 s in its own process (``benchmarks.reference_torch``; cause
+not found), so for the inverses the standalone runs give the conservative ratios. It prints one JSON object
 with, per key, both medians and mins, their ratio (ours / reference) and the ANCHORS.md
 goal; our compile seconds; both libraries' matmul rates.
 
@@ -72,10 +75,16 @@ def main(argv=None) -> dict:
         runtime.relaunch_with_hugepages()
     # The reference runs in a worker process, one side at a time: in one process, the two
     # libraries' thread pools slowed the reference's small-op inverses 2.5-fold.
+    # It runs with glibc's default allocator, as ANCHORS.md's reference did (not with the
+    # huge-page setting this process inherited from its relaunch).
+    env = dict(os.environ)
+    tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":")
+                if t and t != runtime.SETTING]
+    env["GLIBC_TUNABLES"] = ":".join(tunables)
     worker = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.reference_torch", "--repo", args.repo,
          "--threads", str(args.threads), "--serve"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env=env)
     info = json.loads(worker.stdout.readline())
 
     def reference_calls(key: str, n: int) -> list[float]:
@@ -89,6 +98,7 @@ def main(argv=None) -> dict:
                      "matmul_gflops_xla": matmul_gflops(),
                      "matmul_gflops_torch": info.pop("matmul_gflops")}
     results.update({f"reference.{k}": v for k, v in info.items()})
+    results["reference.glibc_tunables"] = env["GLIBC_TUNABLES"]
     for key in keys:
         fn, fargs = ab.build(key, {}, None, anchor.BATCH, anchor.SHAPE)
         t0 = time.perf_counter()
