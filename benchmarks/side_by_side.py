@@ -9,10 +9,11 @@ interleaved rounds (``--rounds`` rounds of ``--calls`` calls of each, the order
 alternating between rounds), so that both see the same machine. The reference runs in a
 worker process (``reference_torch --serve``) that waits while ours runs and vice versa:
 in one process, XLA's and PyTorch's thread pools got in each other's way (the
-reference's 20-iteration inverses ran 2.5 times slower than alone). Even so, interleaved
-with ours, the reference's 20-iteration density inverse took 1.2-1.5 s in the runs of
-2026-11-29 against 0.55-0.57 s in its own process (``benchmarks.reference_torch``; cause
-not found), so for the inverses the standalone runs give the conservative ratios. It prints one JSON object
+reference's 20-iteration inverses ran 2.5 times slower than alone). The reference's
+inverses (thousands of small eager ops) are its least stable timings on a 2-core machine:
+on 2026-11-29 its 20-iteration density inverse took 0.55-1.5 s between runs, alone or
+interleaved; compare them over several runs and take the reference's fastest for a
+conservative ratio. It prints one JSON object
 with, per key, both medians and mins, their ratio (ours / reference) and the ANCHORS.md
 goal; our compile seconds; both libraries' matmul rates.
 
