@@ -36,9 +36,9 @@ def test_anderson_matches_plain_on_a_conv_branch(x64, coeff):
     x = jax.random.normal(jax.random.key(2), (3, 4, 4, 2), jnp.float64)
     g = _hard_conv_branch(coeff, x)
     y = x + g(x)
-    solve = jax.jit(lambda y, method: inverse.fixed_point(g, y, tol=1e-10, max_iter=3000,
-                                                         method=method),
-                    static_argnums=1)
+    solve = jax.jit(
+        lambda y, method: inverse.fixed_point(g, y, tol=1e-10, max_iter=3000, method=method),
+        static_argnums=1)
     x_plain, info_plain = solve(y, "plain")
     x_and, info_and = solve(y, "anderson")
     assert bool(jnp.all(info_plain.converged)) and bool(jnp.all(info_and.converged))

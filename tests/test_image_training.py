@@ -114,8 +114,8 @@ def _state_and_batch(task, devices):
     model = experiment.build_model(config, train)
     normalizer = experiment.normalizer_for(config, train)
     tx = experiment.make_tx(config, train)
-    state = experiment.create_state(config, model, experiment.init_batch(config, train,
-                                                                        normalizer), tx)
+    init_batch = experiment.init_batch(config, train, normalizer)
+    state = experiment.create_state(config, model, init_batch, tx)
     batches = data.TrainBatches(train, config.batch_size, 0, normalizer=normalizer)
     return model, train, state, batches
 

@@ -117,8 +117,8 @@ def test_gradient_through_a_block_inverse_reaches_parameters(x64):
     plus = jax.tree.map(lambda p, d: p + eps * d, variables["params"], direction)
     minus = jax.tree.map(lambda p, d: p - eps * d, variables["params"], direction)
     numeric = (loss(plus) - loss(minus)) / (2 * eps)
-    analytic = sum(jnp.sum(g * d) for g, d in zip(jax.tree.leaves(grads),
-                                                   jax.tree.leaves(direction)))
+    analytic = sum(jnp.sum(g * d)
+                   for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction)))
     np.testing.assert_allclose(analytic, numeric, rtol=1e-5)
 
 
@@ -174,9 +174,9 @@ def test_anderson_reaches_the_same_solution(x64, coeff):
 
 @pytest.mark.parametrize("method", ["plain", "anderson"])
 def test_relative_tolerance_converges_where_float32_absolute_cannot(method):
-    """Features of size ~1e4 in float32: steps often stall near ~1e-4, so an
-    absolute tol of 1e-6 runs to max_iter and reports failure for some examples, while rtol=1e-6 stops each example
-    at its own scale with a relative error near float32 rounding."""
+    """Features of size ~1e4 in float32: steps often stall near ~1e-4, so an absolute
+    tol of 1e-6 runs to max_iter and reports failure for some examples, while rtol=1e-6
+    stops each example at its own scale with a relative error near float32 rounding."""
     a = jax.random.normal(jax.random.key(30), (6, 6))
     a = a / jnp.linalg.norm(a, 2)
     g = lambda x: 0.8 * x @ a.T

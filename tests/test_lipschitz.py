@@ -131,8 +131,8 @@ def test_gradient_flows_through_sigma(x64):
     with lipschitz.power_iterations(300):
         _, st = layer.apply({"params": params, "spectral": variables["spectral"]}, x,
                             train=True, mutable=["spectral"])
-    grad = jax.grad(lambda p: jnp.sum(layer.apply({"params": p, **st}, x,
-                                                   method="weights")[0] ** 2))(params)
+    grad = jax.grad(lambda p: jnp.sum(
+        layer.apply({"params": p, **st}, x, method="weights")[0] ** 2))(params)
     assert abs(float(jnp.sum(grad["kernel"] * params["kernel"]))) < 1e-6
 
 

@@ -107,7 +107,8 @@ def _attribute(obj, name: str, prefix: str):
     if inspect.isclass(obj):
         if hasattr(obj, name):
             return getattr(obj, name)
-        fields = {f.name for f in dataclasses.fields(obj)} if dataclasses.is_dataclass(obj) else set()
+        fields = ({f.name for f in dataclasses.fields(obj)}
+                  if dataclasses.is_dataclass(obj) else set())
         annotations = set()
         for klass in obj.__mro__:
             annotations |= set(getattr(klass, "__annotations__", {}))

@@ -216,8 +216,8 @@ def test_neumann_forward_value_is_the_series_estimate(x64):
         neumann = fn(g, x, key, gradient="neumann", **kw)
         np.testing.assert_allclose(neumann, plain, rtol=1e-12)
         # ... also the value seen while differentiating (the custom_vjp's forward pass).
-        value, _ = jax.value_and_grad(lambda z: jnp.sum(fn(g, z, key, gradient="neumann",
-                                                          **kw)))(x)
+        value, _ = jax.value_and_grad(
+            lambda z: jnp.sum(fn(g, z, key, gradient="neumann", **kw)))(x)
         np.testing.assert_allclose(value, jnp.sum(plain), rtol=1e-12)
 
 

@@ -95,7 +95,7 @@ def test_killed_run_resumes_to_the_state_of_an_uninterrupted_run(tmp_path):
         toy.train_and_evaluate(c, str(tmp_path / "resumed"), print_fn=kill_at_step_4)
     lines = []
     resumed = toy.train_and_evaluate(c, str(tmp_path / "resumed"), print_fn=lines.append)
-    assert any("resumed from checkpoint at step 2" in l for l in lines)
+    assert any("resumed from checkpoint at step 2" in line for line in lines)
     assert resumed["steps_this_run"] == 4
     assert resumed["test_nll"] == full["test_nll"]
 

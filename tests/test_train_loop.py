@@ -44,7 +44,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
     resumed, summary = train.run(state=state, train_step=step, batch_fn=lambda s: 1.0,
                                  num_steps=12, checkpointer=ck2, checkpoint_every=5,
                                  print_fn=lines.append)
-    assert any("resumed from checkpoint at step 7" in l for l in lines)
+    assert any("resumed from checkpoint at step 7" in line for line in lines)
     assert summary["steps_this_run"] == 5
     np.testing.assert_array_equal(resumed.params["w"], full.params["w"])
     assert int(resumed.step) == 12

@@ -11,7 +11,6 @@ from typing import Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from iresnet_jax import blocks, distributions, flow
 from iresnet_jax import logdet as logdet_lib
@@ -53,6 +52,7 @@ class ToyIResNet(nn.Module, DensityFlowMixin):
       hoist: normalize all blocks' weights before the loop (see ``flow.BlockStack``).
 
     Example:
+      >>> import jax.numpy as jnp
       >>> model = ToyIResNet(n_blocks=4)
       >>> x = jnp.zeros((8, 2))
       >>> variables = jax.jit(model.init)(jax.random.key(0), x)
