@@ -3,7 +3,8 @@
 This machine's run-to-run spread (10-20% per key between two runs of the same code) hides
 most single changes. This script compiles every variant of one ANCHORS.md function in the
 same process and times them in interleaved rounds (``--rounds`` rounds of ``--calls``
-calls of each variant), so that the variants share the machine's state; it prints one JSON
+calls of each variant, the order reversed every other round), so that the variants share
+the machine's state; it prints one JSON
 object with each variant's compile seconds (trace + lower + compile), median and min
 seconds per call, and its median relative to the first variant.
 
@@ -103,8 +104,11 @@ def compare(key: str, variants: list[dict], *, rounds: int = 6, calls: int = 3,
         print(f"compiled {json.dumps(overrides)} in {compile_s:.1f} s", file=sys.stderr,
               flush=True)
     times = [[] for _ in variants]
-    for _ in range(rounds):
-        for i, (c, args) in enumerate(compiled):
+    for r in range(rounds):
+        # Alternate the order between rounds, so that no variant always runs first.
+        order = range(len(compiled)) if r % 2 == 0 else reversed(range(len(compiled)))
+        for i in order:
+            c, args = compiled[i]
             for _ in range(calls):
                 t0 = time.perf_counter()
                 jax.block_until_ready(c(*args))
