@@ -261,7 +261,7 @@ def conv2d_col2im_hybrid(x: Array, kernel: Array, precision: Any = None) -> Arra
     medians of 18 interleaved calls, against ``lax.conv`` for its narrowing convs):
     evaluation forward 20.2 -> 17.2 ms, 20-iteration inverse 387 -> 326 ms, training step
     without log-det 73 -> 71 ms, Neumann log-det step 168 -> 171 ms, autodiff log-det
-    step within the noise of two runs (+13% and -9%). Plain ``"col2im"`` made the Neumann
+    step unchanged (349 -> 348 ms; +13% and -9% in two earlier runs with a fixed order). Plain ``"col2im"`` made the Neumann
     step 10-17% slower.
     """
     return conv2d_col2im(x, kernel, precision=precision)
