@@ -219,8 +219,9 @@ def conv2d_col2im(x: Array, kernel: Array, *, precision: Any = None) -> Array:
     Measured on the ANCHORS.md classifier (2-core x86 CPU, interleaved in one process,
     against ``lax.conv`` for its narrowing convs): training step 296-390 -> 253-316 ms,
     20-iteration inverse 1.54-1.60 -> 1.18-1.34 s. On the ANCHORS.md density model
-    (channels 4 and 8) it is no faster, and its Neumann-gradient step is ~15% slower, so
-    the density models keep ``lax.conv``.
+    (channels 4 and 8) its evaluation and inverse are 10-15% faster but its
+    Neumann-gradient step ~15% slower, so the density models take this value with
+    ``lax.conv``'s derivatives (``conv2d_col2im_hybrid``).
     """
     kh, kw, c_in, c_out = kernel.shape
     n, h, w, _ = x.shape
@@ -261,8 +262,8 @@ def conv2d_col2im_hybrid(x: Array, kernel: Array, precision: Any = None) -> Arra
     medians of 18 interleaved calls, against ``lax.conv`` for its narrowing convs):
     evaluation forward 20.2 -> 17.2 ms, 20-iteration inverse 387 -> 326 ms, training step
     without log-det 73 -> 71 ms, Neumann log-det step 168 -> 171 ms, autodiff log-det
-    step unchanged (349 -> 348 ms; +13% and -9% in two earlier runs with a fixed order). Plain ``"col2im"`` made the Neumann
-    step 10-17% slower.
+    step unchanged (349 -> 348 ms; +13% and -9% in two earlier runs with a fixed order).
+    Plain ``"col2im"`` made the Neumann step 10-17% slower.
     """
     return conv2d_col2im(x, kernel, precision=precision)
 
