@@ -65,6 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from benchmarks import report
 from benchmarks.timing import compile_and_time, matmul_gflops
 from iresnet_jax import logdet as logdet_lib
 from iresnet_jax import models
@@ -398,11 +399,7 @@ def main(argv=None):
     if args.reference:
         with open(args.reference) as f:
             summarize_measured_reference(results, json.load(f))
-    text = json.dumps(results, indent=1, sort_keys=True)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(text + "\n")
-    print(text)
+    report.emit(results, args.output)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,8 @@ import time
 
 import numpy as np
 
+from benchmarks import report
+
 BATCH = 64
 N_BINS = 256
 DIM = 28 * 28
@@ -208,11 +210,7 @@ def main(argv=None) -> dict:
     for key, value in info.items():
         results[key] = value() if callable(value) else value
     results["load_average_after"] = list(os.getloadavg())
-    text = json.dumps(results, indent=1, sort_keys=True)
-    print(text)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(text + "\n")
+    report.emit(results, args.output)
     return results
 
 

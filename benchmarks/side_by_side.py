@@ -44,6 +44,7 @@ import jax
 from benchmarks import ab
 from benchmarks import anchor
 from benchmarks import reference_torch
+from benchmarks import report
 from benchmarks.timing import matmul_gflops
 from iresnet_jax import runtime
 
@@ -132,11 +133,7 @@ def main(argv=None) -> dict:
     worker.stdin.close()
     worker.wait()
     results["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
-    text = json.dumps(results, indent=1, sort_keys=True)
-    print(text)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(text + "\n")
+    report.emit(results, args.output)
     return results
 
 
