@@ -138,6 +138,8 @@ class ConvBranch(_Branch):
       narrowing: how convs that narrow the channels are computed, ``"conv"``,
         ``"col2im"``, ``"hybrid"``, ``"auto"`` or ``"auto_hybrid"``
         (``lipschitz.conv2d``; the same operator, a speed choice).
+      widening: the derivatives of convs that widen the channels, ``"patches"``,
+        ``"hybrid"`` or ``"auto_hybrid"`` (``lipschitz.conv2d``; a compile-time choice).
 
     Example:
       >>> branch = ConvBranch(hidden=32, coeff=0.9)
@@ -149,6 +151,7 @@ class ConvBranch(_Branch):
     kernel_sizes: Sequence[int] = (3, 1, 3)
     padding: str = "SAME"
     narrowing: str = "conv"
+    widening: str = "patches"
 
     @nn.compact
     def parts(self, x: Array | jax.ShapeDtypeStruct, *, train: bool = False):
@@ -183,13 +186,13 @@ class ConvBranch(_Branch):
         """The pure function ``g`` from the arrays returned by ``parts``."""
         params, act_params = parts
         acts = self._activations(act_params)
-        padding, narrowing = self.padding, self.narrowing
+        padding, narrowing, widening = self.padding, self.narrowing, self.widening
 
         def g(x: Array) -> Array:
             h = x
             for act, (kernel, bias) in zip(acts, params):
-                h = lipschitz.conv2d(act(h), kernel, padding=padding,
-                                     narrowing=narrowing) + bias
+                h = lipschitz.conv2d(act(h), kernel, padding=padding, narrowing=narrowing,
+                                     widening=widening) + bias
             return h
 
         return g

@@ -52,7 +52,8 @@ REGISTRY = [
         blocks.ConvBranch(hidden=4, coeff=0.9, narrowing="col2im"), logdet=EXACT,
         inverse_tol=1e-10, inverse_max_iter=500), (2, 3, 3, 2)),
     Entry("conv_block_hybrid", lambda: blocks.InvertibleBlock(
-        blocks.ConvBranch(hidden=4, coeff=0.9, narrowing="hybrid"), logdet=EXACT,
+        blocks.ConvBranch(hidden=4, coeff=0.9, narrowing="hybrid", widening="hybrid"),
+        logdet=EXACT,
         inverse_tol=1e-10, inverse_max_iter=500), (2, 3, 3, 2)),
     Entry("block_stack", lambda: flow.BlockStack(_conv_block(), n=3), (2, 3, 3, 2)),
     Entry("block_stack_unrolled", lambda: flow.BlockStack(_conv_block(), n=3, unroll=3),

@@ -326,6 +326,66 @@ def test_conv2d_hybrid_narrowing_value_and_derivatives_equal_lax_conv(x64, ksize
         close(g, e)
 
 
+@pytest.mark.parametrize("ksize", [(2, 2), (3, 3), (5, 3)])
+def test_conv2d_hybrid_widening_value_and_derivatives_equal_lax_conv(x64, ksize):
+    """``widening="hybrid"``: the patches' value with ``lax.conv``'s JVP. Value, JVP, VJP
+    and the gradient of a VJP agree with ``lax.conv``; the primal has no ``lax.conv``."""
+    k1, k2, k3 = jax.random.split(jax.random.key(19), 3)
+    kernel = jax.random.normal(k1, ksize + (2, 5), jnp.float64)
+    x = jax.random.normal(k2, (2, 5, 7, 2), jnp.float64)
+    cot = jax.random.normal(k3, (2, 5, 7, 5), jnp.float64)
+
+    def reference(x, kernel):
+        return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                            precision="highest")
+
+    def hybrid(x, kernel):
+        return lipschitz.conv2d(x, kernel, widening="hybrid", precision="highest")
+
+    def close(a, b):
+        np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-11)
+
+    jaxpr = str(jax.make_jaxpr(hybrid)(x, kernel))
+    assert "conv_general_dilated" not in jaxpr and "custom_jvp_call" in jaxpr
+    close(hybrid(x, kernel), reference(x, kernel))
+    close(jax.jvp(hybrid, (x, kernel), (x, kernel))[1],
+          jax.jvp(reference, (x, kernel), (x, kernel))[1])
+    for g, e in zip(jax.vjp(hybrid, x, kernel)[1](cot), jax.vjp(reference, x, kernel)[1](cot)):
+        close(g, e)
+    close(jax.vjp(lambda v: hybrid(v, kernel), x)[1](cot)[0],
+          jax.vjp(lambda v: reference(v, kernel), x)[1](cot)[0])
+
+    def second_order(conv):
+        def loss(x, kernel):
+            _, vjp = jax.vjp(lambda v: jnp.tanh(conv(v, kernel)), x)
+            return jnp.sum(jnp.sin(vjp(cot)[0]))
+        return jax.grad(loss, (0, 1))(x, kernel)
+
+    for g, e in zip(second_order(hybrid), second_order(reference)):
+        close(g, e)
+    # The backward pass of the hybrid goes through lax.conv (one library call per
+    # transposed conv), not through the transpose of the patches.
+    grad_jaxpr = str(jax.make_jaxpr(jax.grad(lambda v: jnp.sum(hybrid(v, kernel) ** 2)))(x))
+    assert "conv_general_dilated" in grad_jaxpr
+
+
+def test_conv2d_widening_option_checks_and_resolves_per_backend():
+    x = jnp.ones((1, 4, 4, 2))
+    kernel = jnp.ones((3, 3, 2, 6))
+    with pytest.raises(ValueError, match="widening"):
+        lipschitz.conv2d(x, kernel, widening="fft")
+    jaxpr = str(jax.make_jaxpr(
+        lambda v: lipschitz.conv2d(v, kernel, widening="auto_hybrid"))(x))
+    assert ("custom_jvp_call" in jaxpr) == (jax.default_backend() == "cpu")
+    np.testing.assert_allclose(lipschitz.conv2d(x, kernel, widening="auto_hybrid"),
+                               lipschitz.conv2d(x, kernel), rtol=1e-6)
+    # "CIRCULAR" padding keeps the patches' own derivatives (lax.conv has no such padding).
+    jaxpr = str(jax.make_jaxpr(
+        lambda v: lipschitz.conv2d(v, kernel, widening="hybrid", padding="CIRCULAR"))(x))
+    assert "custom_jvp_call" not in jaxpr
+
+
 def test_conv2d_rejects_unknown_narrowing():
     with pytest.raises(ValueError, match="narrowing"):
         lipschitz.conv2d(jnp.ones((1, 4, 4, 3)), jnp.ones((3, 3, 3, 1)), narrowing="fft")

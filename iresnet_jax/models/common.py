@@ -54,13 +54,14 @@ class DiagonalGaussianPrior(nn.Module):
 def conv_block(*, hidden: int, coeff: float | None, n_power_iter: int, activation: str,
                leading_activation: bool, logdet: logdet_lib.LogDetConfig,
                actnorm: str | None = "before", padding: str = "SAME",
-               narrowing: str = "conv", inverse_tol: float = 1e-6, inverse_max_iter: int = 100,
+               narrowing: str = "conv", widening: str = "patches", inverse_tol: float = 1e-6,
+               inverse_max_iter: int = 100,
                inverse_method: str = "plain", inverse_rtol: float = 0.0
                ) -> blocks.InvertibleBlock:
     """One image i-ResNet block: ActNorm, then ``x + g(x)`` with the 3-1-3 conv branch."""
     branch = blocks.ConvBranch(hidden=hidden, coeff=coeff, n_power_iter=n_power_iter,
                                activation=activation, leading_activation=leading_activation,
-                               padding=padding, narrowing=narrowing)
+                               padding=padding, narrowing=narrowing, widening=widening)
     return blocks.InvertibleBlock(branch, actnorm=actnorm, logdet=logdet,
                                   inverse_tol=inverse_tol, inverse_max_iter=inverse_max_iter,
                                   inverse_method=inverse_method, inverse_rtol=inverse_rtol)
