@@ -172,6 +172,8 @@ class IResNetFeatures(nn.Module):
         ``"auto"`` (the default: ``"col2im"`` on CPU, ``"conv"`` on GPU/TPU, where it
         was not measured); ``"hybrid"`` and ``"auto_hybrid"`` as in
         ``MultiscaleDensity`` (no faster here); the same operator either way.
+      widening: the derivatives of the channel-widening convs (``"patches"``, the
+        default, ``"hybrid"`` or ``"auto_hybrid"``; see ``MultiscaleDensity``).
       inverse_tol, inverse_max_iter, inverse_method, inverse_rtol: fixed-point inverse
         settings (``inverse.fixed_point``'s ``tol``, ``max_iter``, ``method``, ``rtol``).
 
@@ -193,6 +195,7 @@ class IResNetFeatures(nn.Module):
     unroll: int = 1
     padding: str = "SAME"
     narrowing: str = "auto"
+    widening: str = "patches"
     inverse_tol: float = 1e-6
     inverse_max_iter: int = 100
     inverse_method: str = "plain"
@@ -216,6 +219,7 @@ class IResNetFeatures(nn.Module):
                     coeff=self.coeff,
                     n_power_iter=self.n_power_iter, activation=self.activation,
                     logdet=self.logdet, padding=self.padding, narrowing=self.narrowing,
+                    widening=self.widening,
                     actnorm="before" if self.norm == "actnorm" else None,
                     inverse_tol=self.inverse_tol, inverse_max_iter=self.inverse_max_iter,
                     inverse_method=self.inverse_method, inverse_rtol=self.inverse_rtol)
