@@ -275,7 +275,7 @@ def run(workdir: str, s: ml_collections.ConfigDict, *, only: Iterable[str] = ANA
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    quiet_logs()
+    quiet_logs()  # no compilation cache: the runtime table reports compile seconds
     s = get_settings(_QUICK.value)
     s.coeffs = tuple(float(c) for c in _COEFFS.value)
     summary = run(_WORKDIR.value, s, only=_ONLY.value or ANALYSES,

@@ -21,7 +21,7 @@ if __name__ == "__main__":
 import jax
 from absl import app, flags
 
-from experiments import quiet_logs
+from experiments import setup_run
 
 from iresnet_jax.train import evaluation
 
@@ -41,7 +41,7 @@ _DISTRIBUTED = flags.DEFINE_bool("jax_distributed", False, "Call jax.distributed
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    quiet_logs()
+    setup_run()
     if _DISTRIBUTED.value:
         jax.distributed.initialize()
     evaluation.evaluate_workdir(_WORKDIR.value, bias_tol=_BIAS_TOL.value, se_tol=_SE_TOL.value,

@@ -16,7 +16,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from experiments import quiet_logs
+from experiments import setup_run
 
 from experiments.configs import toy_glow
 from iresnet_jax.train import toy
@@ -51,7 +51,7 @@ def table(rows) -> str:
 
 
 def main(argv):
-    quiet_logs()
+    setup_run()
     del argv
     rows = []
     for dataset in _DATASETS.value:

@@ -12,7 +12,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from experiments import quiet_logs
+from experiments import setup_run
 
 from iresnet_jax.train import toy
 
@@ -22,7 +22,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 
 
 def main(argv):
-    quiet_logs()
+    setup_run()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     toy.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

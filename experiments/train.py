@@ -19,7 +19,7 @@ if __name__ == "__main__":
 import jax
 from absl import app, flags
 
-from experiments import quiet_logs
+from experiments import setup_run
 from ml_collections import config_flags
 
 from iresnet_jax.train import experiment
@@ -34,7 +34,7 @@ _DISTRIBUTED = flags.DEFINE_bool("jax_distributed", False,
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    quiet_logs()
+    setup_run()
     if _DISTRIBUTED.value:
         jax.distributed.initialize()
     experiment.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

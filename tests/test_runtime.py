@@ -1,12 +1,17 @@
-"""The allocator relaunch of the binaries (``iresnet_jax.runtime``)."""
+"""Process-level settings of the binaries: the allocator relaunch
+(``iresnet_jax.runtime``) and the persistent compilation cache (``experiments``)."""
 
 import os
+import pathlib
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
 from iresnet_jax import runtime
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -95,3 +100,33 @@ def test_binaries_restart_before_importing_jax(binary):
     with open(path) as f:
         text = f.read()
     assert 0 < text.index("runtime.relaunch_with_hugepages()") < text.index("import jax")
+
+
+def test_binaries_keep_compiled_programs_in_the_persistent_cache(tmp_path):
+    """``--compilation_cache_dir`` (set by every training/evaluation binary through
+    ``experiments.setup_run``) makes JAX write compiled programs there; a second process
+    finds them."""
+    cache = tmp_path / "cache"
+    code = textwrap.dedent(f"""
+        from absl import flags
+        import experiments
+        flags.FLAGS(["prog", "--compilation_cache_dir={cache}"])
+        print(experiments.use_compilation_cache())
+        import jax
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.jit(lambda x: x * 2 + 1)(jax.numpy.ones(3)).block_until_ready()
+        """)
+    env = dict(os.environ)
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True, env=env, cwd=str(ROOT))
+    assert out.stdout.strip().splitlines()[-1] == str(cache)
+    assert any(cache.iterdir()), "no compiled program was written to the cache"
+
+
+def test_compilation_cache_can_be_turned_off_and_defers_to_jax_env(monkeypatch):
+    import experiments
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    assert experiments.use_compilation_cache("") is None
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/somewhere/else")
+    assert experiments.use_compilation_cache("/not/this") == "/somewhere/else"
