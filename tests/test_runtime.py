@@ -103,9 +103,9 @@ def test_binaries_restart_before_importing_jax(binary):
 
 
 def test_binaries_keep_compiled_programs_in_the_persistent_cache(tmp_path):
-    """``--compilation_cache_dir`` (set by every training/evaluation binary through
-    ``experiments.setup_run``) makes JAX write compiled programs there; a second process
-    finds them."""
+    """``--compilation_cache_dir`` (read by every training/evaluation binary through
+    ``experiments.setup_run``) makes JAX write the compiled programs of a fresh process
+    there."""
     cache = tmp_path / "cache"
     code = textwrap.dedent(f"""
         from absl import flags
