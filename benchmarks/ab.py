@@ -54,7 +54,7 @@ def build(key: str, overrides: dict, preset: str | None, batch: int,
     """``(fn, args)`` for ``key`` on the preset with ``overrides``."""
     if key not in KEYS:
         raise ValueError(f"unknown key {key!r}; known: {KEYS}")
-    kind = key.split(".")[0]
+    kind, what = key.split(".", 1)
     preset = preset or f"anchors_{kind}"
     _, x, labels = anchor._data(batch, shape)
     if kind == "density":
@@ -64,9 +64,9 @@ def build(key: str, overrides: dict, preset: str | None, batch: int,
         plain = model.clone(logdet=anchor.NONE)
         if key == "density.forward":
             return (lambda v, x: plain.apply(v, x)[0]), (variables, x)
-        if key.split(".")[1] in _INVERSE:
+        if what in _INVERSE:
             inv = models.build(preset, **{**overrides, "logdet_method": "none",
-                                          **_INVERSE[key.split(".")[1]]})
+                                          **_INVERSE[what]})
             z = jax.jit(lambda v, x: plain.apply(v, x)[0])(variables, x)
             return (lambda v, z: inv.apply(v, z, method="inverse")), (variables, z)
         loss = anchor.density_loss(model.clone(logdet=_LOGDET[key]), int(np.prod(shape)))
@@ -77,8 +77,8 @@ def build(key: str, overrides: dict, preset: str | None, batch: int,
     variables = jax.jit(model.init)({"params": jax.random.key(0)}, x)
     if key == "classifier.forward":
         return (lambda v, x: model.apply(v, x)), (variables, x)
-    if key.split(".")[1] in _INVERSE:
-        inv = models.build(preset, **{**overrides, **_INVERSE[key.split(".")[1]]})
+    if what in _INVERSE:
+        inv = models.build(preset, **{**overrides, **_INVERSE[what]})
         z = jax.jit(lambda v, x: model.apply(v, x, method="features"))(variables, x)
         return (lambda v, z: inv.apply(v, z, method="inverse")), (variables, z)
     state = {k: v for k, v in variables.items() if k != "params"}
