@@ -13,6 +13,10 @@ Variants are keyword overrides of the model preset, as JSON objects::
     python -m benchmarks.ab --key classifier.train '{"narrowing": "conv"}' '{"narrowing": "col2im"}'
     python -m benchmarks.ab --key density.train_logdet_neumann '{}' '{"narrowing": "col2im"}'
     python -m benchmarks.ab --key density.train_logdet '{"remat": true}' '{"remat": false}'
+    python -m benchmarks.ab --key density.train_logdet '{}' '{"staged": true}'
+
+``"staged": true`` (density training keys) times ``train.staged.StagedDensityGrad`` instead
+of the jitted gradient; its compile seconds are its first call's minus its second call's.
 
 Keys (as in ``benchmarks.anchor``): ``density.forward``, ``density.train``,
 ``density.train_logdet``, ``density.train_logdet_neumann``, ``density.inverse20``,
@@ -36,6 +40,7 @@ import numpy as np
 from benchmarks import anchor
 from iresnet_jax import models
 from iresnet_jax import runtime
+from iresnet_jax.train import staged
 
 KEYS = ("density.forward", "density.train", "density.train_logdet",
         "density.train_logdet_neumann", "density.inverse20", "density.inverse_tol",
@@ -51,10 +56,15 @@ _LOGDET = {"density.train": anchor.NONE, "density.train_logdet": anchor.SERIES,
 
 def build(key: str, overrides: dict, preset: str | None, batch: int,
           shape: tuple[int, ...]):
-    """``(fn, args)`` for ``key`` on the preset with ``overrides``."""
+    """``(fn, args)`` for ``key`` on the preset with ``overrides`` (``"staged": true``:
+    ``fn`` is a ``train.staged.StagedDensityGrad``, not to be jitted)."""
     if key not in KEYS:
         raise ValueError(f"unknown key {key!r}; known: {KEYS}")
+    overrides = dict(overrides)
+    staged_grad = overrides.pop("staged", False)
     kind, what = key.split(".", 1)
+    if staged_grad and key not in _LOGDET:
+        raise ValueError(f'"staged" applies to {tuple(_LOGDET)}, not {key!r}')
     preset = preset or f"anchors_{kind}"
     _, x, labels = anchor._data(batch, shape)
     if kind == "density":
@@ -69,8 +79,12 @@ def build(key: str, overrides: dict, preset: str | None, batch: int,
                                           **_INVERSE[what]})
             z = jax.jit(lambda v, x: plain.apply(v, x)[0])(variables, x)
             return (lambda v, z: inv.apply(v, z, method="inverse")), (variables, z)
-        loss = anchor.density_loss(model.clone(logdet=_LOGDET[key]), int(np.prod(shape)))
         state = {k: v for k, v in variables.items() if k != "params"}
+        if staged_grad:
+            fn = staged.StagedDensityGrad(model.clone(logdet=_LOGDET[key]),
+                                          n_bins=anchor.N_BINS, dim=int(np.prod(shape)))
+            return fn, (variables["params"], state, x, jax.random.key(2))
+        loss = anchor.density_loss(model.clone(logdet=_LOGDET[key]), int(np.prod(shape)))
         return jax.value_and_grad(loss, has_aux=True), (variables["params"], state, x)
 
     model = models.build(preset, **overrides)
@@ -96,9 +110,17 @@ def compare(key: str, variants: list[dict], *, rounds: int = 6, calls: int = 3,
     for overrides in variants:
         fn, args = build(key, overrides, preset, batch, shape)
         t0 = time.perf_counter()
-        c = jax.jit(fn).lower(*args).compile()
-        compile_s = time.perf_counter() - t0
-        jax.block_until_ready(c(*args))
+        if overrides.get("staged"):
+            c = fn
+            jax.block_until_ready(c(*args))
+            first = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            jax.block_until_ready(c(*args))
+            compile_s = first - (time.perf_counter() - t0)
+        else:
+            c = jax.jit(fn).lower(*args).compile()
+            compile_s = time.perf_counter() - t0
+            jax.block_until_ready(c(*args))
         compiled.append((c, args))
         results["variants"].append({"overrides": overrides, "compile": compile_s})
         print(f"compiled {json.dumps(overrides)} in {compile_s:.1f} s", file=sys.stderr,

@@ -12,6 +12,10 @@ inverses, the max abs reconstruction error (``*.recon_error``) of:
   gradient by differentiating through the series), loss = mean bits/dim;
 * ``density.train_logdet_neumann``: the same estimate with the Neumann-series gradient
   (``LogDetConfig("series", n_terms=5, gradient="neumann")``);
+* ``density.train_logdet_staged``, ``density.train_logdet_neumann_staged``: the same two
+  gradients computed block by block (``train.staged.StagedDensityGrad``: one compiled
+  program per distinct block, chained from Python); their ``*.compile`` is the first
+  call's seconds minus a steady-state call's;
 * ``density.inverse20``: the inverse with 20 fixed-point iterations per block
   (``tol=0, max_iter=20``);
 * ``density.inverse_tol``: the inverse to a max reconstruction error of 1e-6 with a
@@ -66,11 +70,12 @@ import numpy as np
 import optax
 
 from benchmarks import report
-from benchmarks.timing import compile_and_time, matmul_gflops
+from benchmarks.timing import compile_and_time, matmul_gflops, time_first_call
 from iresnet_jax import logdet as logdet_lib
 from iresnet_jax import models
 from iresnet_jax import runtime
 from iresnet_jax.models import density as density_lib
+from iresnet_jax.train import staged
 from iresnet_jax.train import steps
 from iresnet_jax.train.state import TrainState
 
@@ -97,6 +102,8 @@ REFERENCE_MATMUL_GFLOPS = 239.0
 GOALS = {
     "density.train_logdet": 0.6,
     "density.train_logdet_neumann": 0.4,
+    "density.train_logdet_staged": 0.6,
+    "density.train_logdet_neumann_staged": 0.4,
     "density.train": 0.8,
     "density.forward": 0.4,
     "classifier.train": 1.0,
@@ -233,6 +240,16 @@ def density_benchmarks(results, repeats, warmup, wanted, with_step=False):
             extra["gflops_per_s"] = r["flops"] / r["median"] / 1e9
         _record(results, name, r, extra)
 
+    for name, cfg in (("density.train_logdet_staged", SERIES),
+                      ("density.train_logdet_neumann_staged", NEUMANN)):
+        if not wanted(name):
+            continue
+        grad_fn = staged.StagedDensityGrad(base.clone(logdet=cfg), n_bins=N_BINS, dim=DIM)
+        r = time_first_call(grad_fn, params, model_state, x, jax.random.key(2),
+                            repeats=repeats, warmup=warmup)
+        _record(results, name, r, {"loss_bits_per_dim": float(r["output"][0]),
+                                   "first_call": r["first_call"]})
+
     if with_step and wanted("density.train_logdet_step"):
         model = base.clone(logdet=SERIES)
         state = TrainState.create(params=params, model_state=model_state,
@@ -292,7 +309,9 @@ def classifier_benchmarks(results, repeats, warmup, wanted):
 
 def _reference_for(name: str, reference: dict) -> float | None:
     """The reference time a goal key is compared with (``inverse_tol``: their
-    ``inverse20``; the Neumann step: their 5-term log-det step)."""
+    ``inverse20``; the Neumann step: their 5-term log-det step; a staged step: the
+    same step's)."""
+    name = name.removesuffix("_staged")
     if name.endswith("inverse_tol"):
         name = name.replace("inverse_tol", "inverse20")
     elif name.endswith("neumann"):
@@ -338,7 +357,8 @@ def summarize(results):
         results["ratio.classifier.forward"] = (results["classifier.forward"]
                                                / REFERENCE["classifier.forward"])
     if "density.train" in results:
-        for name in ("density.train_logdet", "density.train_logdet_neumann"):
+        for name in ("density.train_logdet", "density.train_logdet_neumann",
+                     "density.train_logdet_staged", "density.train_logdet_neumann_staged"):
             if name in results:
                 results[f"logdet_overhead.{name.split('.')[1]}"] = (results[name]
                                                                     / results["density.train"])

@@ -58,6 +58,30 @@ def compile_and_time(fn: Callable, *args, repeats: int = 15, warmup: int = 2,
     return result
 
 
+def time_first_call(fn: Callable, *args, repeats: int = 15, warmup: int = 2
+                    ) -> dict[str, Any]:
+    """Times a Python function that calls compiled programs (for example
+    ``train.staged.StagedDensityGrad``, which compiles its pieces on the first call).
+
+    ``compile`` is the first call's seconds minus the median steady-state call: tracing,
+    lowering and compiling every piece. ``median`` and ``min`` as ``compile_and_time``;
+    ``flops`` is ``None`` (no single program to count).
+    """
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn(*args))
+    first = time.perf_counter() - t0
+    for _ in range(max(warmup - 1, 0)):
+        out = jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    median = statistics.median(times)
+    return {"compile": first - median, "first_call": first, "median": median,
+            "min": min(times), "flops": None, "output": out}
+
+
 def matmul_gflops(n: int = 1024, repeats: int = 10, dtype=jnp.float32,
                   precision=None) -> float:
     """Matmul rate of this machine (GFLOP/s) for an ``n x n x n`` product on random data

@@ -152,3 +152,27 @@ def test_batch_size_must_divide_the_devices():
     mesh = parallel.make_mesh()
     with pytest.raises(ValueError, match="not divisible by the 8 devices"):
         parallel.check_batch_size(12, mesh)
+
+
+def test_staged_density_training_runs_and_resumes(tmp_path):
+    """``config.staged=True``: two block-by-block density steps (the second after a
+    resume) on one device; the staged step refuses classifiers and several devices."""
+    one = jax.devices()[:1]
+    workdir = str(tmp_path / "staged")
+    first = experiment.train_and_evaluate(_config("density", num_steps=1, staged=True),
+                                          workdir, devices=one, print_fn=lambda s: None)
+    lines = []
+    second = experiment.train_and_evaluate(_config("density", num_steps=2, staged=True),
+                                           workdir, devices=one, print_fn=lines.append)
+    assert first["final_step"] == 1 and second["final_step"] == 2
+    assert any("resumed from checkpoint at step 1" in line for line in lines)
+    assert np.isfinite(second["eval"]["bits_per_dim"])
+    with open(f"{workdir}/metrics.jsonl") as f:
+        losses = [json.loads(line)["train/loss"] for line in f if "train/loss" in line]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    with pytest.raises(ValueError, match="applies to multiscale density models"):
+        experiment.train_and_evaluate(_config("classification", num_steps=1, staged=True),
+                                      str(tmp_path / "cls"), devices=one)
+    with pytest.raises(ValueError, match="runs on one device, got a mesh of 8"):
+        experiment.train_and_evaluate(_config("density", num_steps=1, staged=True),
+                                      str(tmp_path / "eight"))

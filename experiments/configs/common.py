@@ -66,6 +66,9 @@ def density(dataset: str, preset: str) -> ml_collections.ConfigDict:
     c.warmup_epochs = 1.0
     c.normalization = "none"
     c.augment = ml_collections.ConfigDict(dict(shift=0, flip=False, pad_mode="constant"))
+    # True: the training step's gradient block by block (train.staged), one compiled
+    # program per distinct block: faster to compile, each step slower (README).
+    c.staged = False
     c.evaluation = ml_collections.ConfigDict(dict(bias_tol=1e-4, se_tol=1e-4, n_samples=1,
                                                   max_passes=200, min_passes=2))
     return c

@@ -31,7 +31,7 @@ import numpy as np
 
 from iresnet_jax import data as data_lib
 from iresnet_jax import models
-from iresnet_jax.train import parallel, steps
+from iresnet_jax.train import parallel, staged, steps
 from iresnet_jax.train.checkpoint import Checkpointer
 from iresnet_jax.train.loop import run
 from iresnet_jax.train.metrics import MetricWriter
@@ -135,6 +135,18 @@ def jitted_steps(model, task: str, n_bins: int, dim: int, mesh):
     return train_step, eval_step
 
 
+def staged_train_step(model, task: str, n_bins: int, dim: int, mesh):
+    """The block-by-block training step (``train.staged``) of a density model on one
+    device: ``config.staged = True``."""
+    if task != "density" or not isinstance(model, models.MultiscaleDensity):
+        raise ValueError(f"config.staged=True applies to multiscale density models, not "
+                         f"to the {task} model {type(model).__name__}")
+    if mesh.size != 1:
+        raise ValueError(f"config.staged=True runs on one device, got a mesh of "
+                         f"{mesh.size}; pass one device or set config.staged=False")
+    return staged.make_staged_train_step(model, n_bins=n_bins, dim=dim)
+
+
 def create_state(config, model, x_init: np.ndarray, tx) -> TrainState:
     """Initializes the model on ``x_init`` and returns the train state."""
     key = jax.random.key(config.seed)
@@ -201,6 +213,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     train_step, eval_step = jitted_steps(model, config.task, train_data.n_bins,
                                          train_data.dim, mesh)
+    if config.get("staged", False):
+        train_step = staged_train_step(model, config.task, train_data.n_bins, train_data.dim,
+                                       mesh)
     eval_key = jax.random.fold_in(jax.random.key(config.seed), 2)
 
     def batch_fn(step: int):
