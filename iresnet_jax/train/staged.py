@@ -31,9 +31,10 @@ Differences from the fused step:
 * the step is a Python function calling compiled programs: do not wrap it in
   ``jax.jit``. Its first call compiles them; it runs on one device.
 
-Measured on the ANCHORS.md model (README, "Staged gradients"): compile 15-20 s against
-21-24 s, each step 7-17% slower (the residuals are written out between programs instead
-of being fused into the backward pass); with 24 blocks, 17 s against 40 s.
+Measured on the ANCHORS.md model (README, "Staged gradients"): compile 15-21 s against
+20-24 s, each step 7-24% slower (the residuals are written out between programs instead
+of being fused into the backward pass); with 24 blocks, 17 s against 40 s at about the
+unrolled step's speed.
 
 Example:
   >>> grad_fn = StagedDensityGrad(model, n_bins=256, dim=784)
