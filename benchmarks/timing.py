@@ -65,7 +65,8 @@ def time_first_call(fn: Callable, *args, repeats: int = 15, warmup: int = 2
 
     ``compile`` is the first call's seconds minus the median steady-state call: tracing,
     lowering and compiling every piece. ``median`` and ``min`` as ``compile_and_time``;
-    ``flops`` is ``None`` (no single program to count).
+    ``flops`` is ``None`` (no single program to count); ``page_faults`` and
+    ``system_seconds`` per timed call as ``compile_and_time``.
     """
     t0 = time.perf_counter()
     out = jax.block_until_ready(fn(*args))
@@ -73,13 +74,19 @@ def time_first_call(fn: Callable, *args, repeats: int = 15, warmup: int = 2
     for _ in range(max(warmup - 1, 0)):
         out = jax.block_until_ready(fn(*args))
     times = []
+    usage0 = resource.getrusage(resource.RUSAGE_SELF) if resource else None
     for _ in range(repeats):
         t0 = time.perf_counter()
         out = jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
     median = statistics.median(times)
-    return {"compile": first - median, "first_call": first, "median": median,
-            "min": min(times), "flops": None, "output": out}
+    result = {"compile": first - median, "first_call": first, "median": median,
+              "min": min(times), "flops": None, "output": out}
+    if usage0 is not None:
+        usage1 = resource.getrusage(resource.RUSAGE_SELF)
+        result["page_faults"] = (usage1.ru_minflt - usage0.ru_minflt) / repeats
+        result["system_seconds"] = (usage1.ru_stime - usage0.ru_stime) / repeats
+    return result
 
 
 def matmul_gflops(n: int = 1024, repeats: int = 10, dtype=jnp.float32,
