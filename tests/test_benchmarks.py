@@ -5,6 +5,7 @@ import math
 
 import jax
 import numpy as np
+import pytest
 
 from benchmarks import accelerator
 from iresnet_jax import models
@@ -40,6 +41,14 @@ def test_ab_compares_variants_of_one_function_on_a_tiny_model():
     r = ab.compare("classifier.train", [{"stages": [1, 1, 1], "hidden": 4}], rounds=1,
                    calls=1, preset="digits_classifier", batch=2, shape=(8, 8, 1))
     assert r["variants"][0]["min"] > 0
+    # the staged gradient as a variant of the fused one: the same loss (no log-det)
+    fused, _ = ab.build("density.train", small, "digits_density", 2, (8, 8, 1))
+    staged_fn, args = ab.build("density.train", {**small, "staged": True},
+                               "digits_density", 2, (8, 8, 1))
+    (loss, _), _ = jax.jit(fused)(*args[:3])
+    assert abs(float(staged_fn(*args)[0]) - float(loss)) < 1e-5
+    with pytest.raises(ValueError, match='"staged" applies to'):
+        ab.build("density.forward", {"staged": True}, "digits_density", 2, (8, 8, 1))
 
 
 def test_anchor_ratios_to_a_reference_measured_on_this_machine():
@@ -48,12 +57,14 @@ def test_anchor_ratios_to_a_reference_measured_on_this_machine():
     20-iteration inverse, the Neumann step against their 5-term log-det step)."""
     from benchmarks import anchor
     results = {"density.train_logdet": 0.3, "density.train_logdet_neumann": 0.15,
+               "density.train_logdet_staged": 0.36,
                "density.inverse_tol": 0.05, "classifier.forward": 0.06}
     measured = {"density.train_logdet": 0.6, "density.inverse20": 0.25,
                 "classifier.forward": 0.04, "torch": "2.13.0", "matmul_gflops": 150.0}
     anchor.summarize_measured_reference(results, measured)
     assert results["ratio_measured.density.train_logdet"] == 0.5
     assert results["ratio_measured.density.train_logdet_neumann"] == 0.25
+    assert results["ratio_measured.density.train_logdet_staged"] == 0.6
     assert results["ratio_measured.density.inverse_tol"] == 0.2
     assert results["ratio_measured.classifier.forward"] == 1.5
     assert results["reference_measured.torch"] == "2.13.0"
