@@ -34,8 +34,8 @@ Differences from the fused step:
 Measured on the ANCHORS.md model (README, "Staged gradients"): compile 15-21 s against
 20-24 s, each step 7-24% slower (the residuals are written out between programs instead
 of being fused into the backward pass); with 24 blocks, 17 s against 40 s at about the
-unrolled step's speed; at the paper's 96-block MNIST architecture (rolled stacks), 16 s
-and 4.1 s per step against 21 s and 15.6 s.
+unrolled step's speed; at the paper's 96-block MNIST architecture, 16 s and 4.1 s per
+step against 21 s and 15.6 s rolled, 186 s and 2.2 s unrolled.
 
 Example:
   >>> grad_fn = StagedDensityGrad(model, n_bins=256, dim=784)
