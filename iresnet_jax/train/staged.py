@@ -155,6 +155,9 @@ class StagedDensityGrad:
       model: the density model.
       n_bins: grey levels of the data (bits/dim).
       dim: the data's real number of dimensions ``D`` (default: the model's).
+      save: what each block's forward program keeps for its pullback: ``"all"`` (its
+        residuals; the fastest), ``"dots"`` (conv and matmul outputs) or ``"nothing"``
+        (its inputs: the forward pass runs again in the pullback).
     """
 
     def __init__(self, model: density_lib.MultiscaleDensity, *, n_bins: int = 256,
@@ -170,8 +173,7 @@ class StagedDensityGrad:
         self.dim = dim or model.dim
         self._built = None
         plan = model._plan()
-        self._squeeze_before = [bool(model.squeeze[i]) or (i == 0 and model.initial_squeeze)
-                                for i in range(len(plan))]
+        self._squeeze_before = [bool(sq) for sq in model.squeeze]
         self._factored = [None if e["factored_shape"] is None else int(e["factored_shape"][-1])
                           for e in plan]
 
@@ -217,6 +219,9 @@ class StagedDensityGrad:
         def enter(h, i):
             return layers.squeeze(h) if self._squeeze_before[i] else h
 
+        def head(x):
+            return enter(layers.squeeze(x) if self.model.initial_squeeze else x, 0)
+
         def make_transition(i):
             """Factor out after scale ``i``, then squeeze for scale ``i + 1``."""
             def f(h):
@@ -241,10 +246,10 @@ class StagedDensityGrad:
         self._built = dict(
             treedef=jax.tree_util.tree_structure(variables),
             scales=scales,
-            head=jax.jit(lambda x: enter(x, 0)),
+            head=jax.jit(head),
             blocks=[make_block_forward(t) for t in templates],
             transitions=[make_transition(i) for i in range(len(scales) - 1)],
-            templates=templates, block_apply=block_apply, put=put, enter=enter,
+            templates=templates, block_apply=block_apply, put=put, head_fn=head,
             tail_loss=tail_loss,
             tail=jax.jit(jax.value_and_grad(tail_loss, argnums=(0, 1, 2, 3), has_aux=True)),
         )
@@ -268,7 +273,7 @@ class StagedDensityGrad:
         b = self._prepared(params, model_state, x)
         group_state = {}
         zs, log_dets = [], []
-        h = b["enter"](x, 0)
+        h = b["head_fn"](x)
         k = 0
         for i, scale in enumerate(b["scales"]):
             for blk in scale:
