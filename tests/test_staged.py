@@ -36,8 +36,9 @@ def _max_diff(a, b) -> float:
                for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
 
 
-@pytest.mark.parametrize("kw", [{}, {"factor_out": False, "squeeze": (True, False)}],
-                         ids=["factor_out", "no_factor_out_two_squeezes_first"])
+@pytest.mark.parametrize("kw", [{}, {"factor_out": False, "squeeze": (True, False),
+                                     "learn_prior": False}],
+                         ids=["factor_out", "no_factor_out_two_squeezes_first_fixed_prior"])
 def test_staged_equals_fused_with_exact_logdet(kw):
     """With the exact log-det (no probes) the staged value, per-example bits/dim, new
     spectral state and gradient equal the fused model's in float64."""

@@ -289,7 +289,7 @@ class StagedDensityGrad:
             if i < len(b["transitions"]):
                 h, z = b["transitions"][i][0](h)
                 zs.append(z)
-        mean, bpd = b["tail_loss"](params["prior"], [z for z in zs if z is not None], h,
+        mean, bpd = b["tail_loss"](params.get("prior", {}), [z for z in zs if z is not None], h,
                                    log_dets)
         return mean, (bpd, _state_tree(group_state, model_state))
 
@@ -316,8 +316,8 @@ class StagedDensityGrad:
                 tape.append((None, vjp))
                 zs.append(z)
         (loss, bpd), (g_prior, g_zs, g_h, g_lds) = b["tail"](
-            params["prior"], [z for z in zs if z is not None], h, log_dets)
-        grads = {"prior": g_prior}
+            params.get("prior", {}), [z for z in zs if z is not None], h, log_dets)
+        grads = {"prior": g_prior} if "prior" in params else {}   # learn_prior=False: none
         z_i = len(zs)
         for blk, vjp in reversed(tape):
             if blk is None:
