@@ -16,7 +16,8 @@ Variants are keyword overrides of the model preset, as JSON objects::
     python -m benchmarks.ab --key density.train_logdet '{}' '{"staged": true}'
 
 ``"staged": true`` (density training keys) times ``train.staged.StagedDensityGrad`` instead
-of the jitted gradient; its compile seconds are its first call's minus its second call's.
+of the jitted gradient (``"staged": "dots"`` or ``"nothing"``: with that ``save``); its
+compile seconds are its first call's minus its second call's.
 
 Keys (as in ``benchmarks.anchor``): ``density.forward``, ``density.train``,
 ``density.train_logdet``, ``density.train_logdet_neumann``, ``density.inverse20``,
@@ -81,8 +82,10 @@ def build(key: str, overrides: dict, preset: str | None, batch: int,
             return (lambda v, z: inv.apply(v, z, method="inverse")), (variables, z)
         state = {k: v for k, v in variables.items() if k != "params"}
         if staged_grad:
+            save = staged_grad if isinstance(staged_grad, str) else "all"
             fn = staged.StagedDensityGrad(model.clone(logdet=_LOGDET[key]),
-                                          n_bins=anchor.N_BINS, dim=int(np.prod(shape)))
+                                          n_bins=anchor.N_BINS, dim=int(np.prod(shape)),
+                                          save=save)
             return fn, (variables["params"], state, x, jax.random.key(2))
         loss = anchor.density_loss(model.clone(logdet=_LOGDET[key]), int(np.prod(shape)))
         return jax.value_and_grad(loss, has_aux=True), (variables["params"], state, x)
