@@ -18,6 +18,24 @@ import numpy as np
 from iresnet_jax.train.state import TrainState
 
 
+def _timed_calls(call: Callable[[], Any], repeats: int):
+    """``(seconds of each of repeats calls, last output, usage)``; ``usage`` holds the
+    minor page faults (``page_faults``) and kernel CPU seconds (``system_seconds``) per
+    call where ``resource`` exists, else nothing."""
+    times, out = [], None
+    usage0 = resource.getrusage(resource.RUSAGE_SELF) if resource else None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(call())
+        times.append(time.perf_counter() - t0)
+    usage = {}
+    if usage0 is not None:
+        usage1 = resource.getrusage(resource.RUSAGE_SELF)
+        usage["page_faults"] = (usage1.ru_minflt - usage0.ru_minflt) / repeats
+        usage["system_seconds"] = (usage1.ru_stime - usage0.ru_stime) / repeats
+    return times, out, usage
+
+
 def compile_and_time(fn: Callable, *args, repeats: int = 15, warmup: int = 2,
                      donate: tuple[int, ...] = ()) -> dict[str, Any]:
     """Compiles ``jax.jit(fn)`` for ``args`` and times it.
@@ -40,22 +58,11 @@ def compile_and_time(fn: Callable, *args, repeats: int = 15, warmup: int = 2,
         flops = float(cost.get("flops", 0.0)) if cost else None
     except Exception:  # cost analysis is optional on some backends
         flops = None
-    out = None
     for _ in range(warmup):
-        out = jax.block_until_ready(compiled(*args))
-    times = []
-    usage0 = resource.getrusage(resource.RUSAGE_SELF) if resource else None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - t0)
-    result = {"compile": compile_s, "median": statistics.median(times), "min": min(times),
-              "flops": flops, "output": out}
-    if usage0 is not None:
-        usage1 = resource.getrusage(resource.RUSAGE_SELF)
-        result["page_faults"] = (usage1.ru_minflt - usage0.ru_minflt) / repeats
-        result["system_seconds"] = (usage1.ru_stime - usage0.ru_stime) / repeats
-    return result
+        jax.block_until_ready(compiled(*args))
+    times, out, usage = _timed_calls(lambda: compiled(*args), repeats)
+    return {"compile": compile_s, "median": statistics.median(times), "min": min(times),
+            "flops": flops, "output": out, **usage}
 
 
 def time_first_call(fn: Callable, *args, repeats: int = 15, warmup: int = 2
@@ -69,24 +76,14 @@ def time_first_call(fn: Callable, *args, repeats: int = 15, warmup: int = 2
     ``system_seconds`` per timed call as ``compile_and_time``.
     """
     t0 = time.perf_counter()
-    out = jax.block_until_ready(fn(*args))
+    jax.block_until_ready(fn(*args))
     first = time.perf_counter() - t0
     for _ in range(max(warmup - 1, 0)):
-        out = jax.block_until_ready(fn(*args))
-    times = []
-    usage0 = resource.getrusage(resource.RUSAGE_SELF) if resource else None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
+        jax.block_until_ready(fn(*args))
+    times, out, usage = _timed_calls(lambda: fn(*args), repeats)
     median = statistics.median(times)
-    result = {"compile": first - median, "first_call": first, "median": median,
-              "min": min(times), "flops": None, "output": out}
-    if usage0 is not None:
-        usage1 = resource.getrusage(resource.RUSAGE_SELF)
-        result["page_faults"] = (usage1.ru_minflt - usage0.ru_minflt) / repeats
-        result["system_seconds"] = (usage1.ru_stime - usage0.ru_stime) / repeats
-    return result
+    return {"compile": first - median, "first_call": first, "median": median,
+            "min": min(times), "flops": None, "output": out, **usage}
 
 
 def matmul_gflops(n: int = 1024, repeats: int = 10, dtype=jnp.float32,

@@ -92,7 +92,7 @@ def test_staged_compiles_each_distinct_block_once():
     grad_fn = staged.staged_density_grad(model, n_bins=256, dim=DIM)
     for seed in (1, 2):
         grad_fn(params, state, x, jax.random.key(seed))
-    forwards = grad_fn._built["blocks"]
+    forwards = [program for _, program in grad_fn._built["blocks"]]
     assert [f._cache_size() for f in forwards] == [1, 1, 1]
     assert [len(scale) for scale in grad_fn._built["scales"]] == [2, 3]
     # the train step of the same model reuses the same compiled programs

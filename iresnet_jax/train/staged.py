@@ -202,7 +202,13 @@ class StagedDensityGrad:
             return {c: jax.tree_util.tree_map(lambda a, b: a.at[j].set(b), s_group[c], new[c])
                     for c in collections}
 
-        def make_block_forward(template):
+        def make_block(template):
+            """The block's function ``(y, log_det, updated group state)`` and its jitted
+            forward program, which also returns the pullback."""
+            def apply(p_group, s_group, j, key, k, h):
+                (y, ld), new = block_apply(template, p_group, s_group, j, key, k, h)
+                return y, ld, put(s_group, j, new)
+
             def forward(p_group, s_group, j, key, k, h):
                 """``(y, log_det, updated group state, pullback)``; the pullback maps
                 ``(dy, dlog_det)`` to the gradient of the group's (stacked) parameters and
@@ -214,7 +220,7 @@ class StagedDensityGrad:
                     f = jax.checkpoint(f, prevent_cse=False, policy=_SAVE_POLICIES[self.save])
                 (y, ld), vjp, new = jax.vjp(f, p_group, h, has_aux=True)
                 return y, ld, put(s_group, j, new), vjp
-            return jax.jit(forward)
+            return apply, jax.jit(forward)
 
         def enter(h, i):
             return layers.squeeze(h) if self._squeeze_before[i] else h
@@ -246,10 +252,11 @@ class StagedDensityGrad:
         self._built = dict(
             treedef=jax.tree_util.tree_structure(variables),
             scales=scales,
-            head=jax.jit(head),
-            blocks=[make_block_forward(t) for t in templates],
+            # (function, jitted program) pairs; the programs of blocks and transitions
+            # also return their pullbacks.
+            head=(head, jax.jit(head)),
+            blocks=[make_block(t) for t in templates],
             transitions=[make_transition(i) for i in range(len(scales) - 1)],
-            templates=templates, block_apply=block_apply, put=put, head_fn=head,
             tail_loss=tail_loss,
             tail=jax.jit(jax.value_and_grad(tail_loss, argnums=(0, 1, 2, 3), has_aux=True)),
         )
@@ -266,59 +273,58 @@ class StagedDensityGrad:
             self._build(variables)
         return self._built
 
-    def loss(self, params, model_state: dict, x: Array, key: Array):
-        """The function whose value and gradient ``__call__`` computes, in one trace
-        (a reference; differentiate or jit it like any loss): ``(mean bits/dim,
-        (bits_per_dim, new_model_state))``, same probes as ``__call__``."""
-        b = self._prepared(params, model_state, x)
-        group_state = {}
-        zs, log_dets = [], []
-        h = b["head_fn"](x)
+    def _forward(self, b: dict, params, model_state: dict, x: Array, key: Array,
+                 staged: bool):
+        """The forward pass up to the prior: ``(h, zs, log_dets, group_state, tape)``.
+        ``staged``: through the jitted programs, with every block's and transition's
+        pullback on the tape (``(block or None, pullback)`` in order); otherwise through
+        the same functions, to be traced at once (empty tape)."""
+        which = 1 if staged else 0
+        group_state = {}   # per group of blocks (one path): its state as blocks update it
+        tape, zs, log_dets = [], [], []
+        h = b["head"][which](x)
         k = 0
         for i, scale in enumerate(b["scales"]):
             for blk in scale:
                 if blk.path not in group_state:
                     group_state[blk.path] = {c: _get(model_state[c], blk.path)
                                              for c in model_state}
-                (h, ld), new = b["block_apply"](
-                    b["templates"][blk.kind], _get(params, blk.path), group_state[blk.path],
-                    blk.index, key, k, h)
-                group_state[blk.path] = b["put"](group_state[blk.path], blk.index, new)
+                out = b["blocks"][blk.kind][which](
+                    _get(params, blk.path), group_state[blk.path], blk.index, key, k, h)
+                h, ld, group_state[blk.path] = out[:3]
+                if staged:
+                    tape.append((blk, out[3]))
                 log_dets.append(ld)
                 k += 1
             if i < len(b["transitions"]):
-                h, z = b["transitions"][i][0](h)
+                out = b["transitions"][i][which](h)
+                h, z = out[:2]
+                if staged:
+                    tape.append((None, out[2]))
                 zs.append(z)
+        return h, zs, log_dets, group_state, tape
+
+    def loss(self, params, model_state: dict, x: Array, key: Array):
+        """The function whose value and gradient ``__call__`` computes, in one trace
+        (a reference; differentiate or jit it like any loss): ``(mean bits/dim,
+        (bits_per_dim, new_model_state))``, same probes as ``__call__``."""
+        b = self._prepared(params, model_state, x)
+        h, zs, log_dets, group_state, _ = self._forward(b, params, model_state, x, key,
+                                                        staged=False)
         mean, bpd = b["tail_loss"](params.get("prior", {}), [z for z in zs if z is not None], h,
                                    log_dets)
         return mean, (bpd, _state_tree(group_state, model_state))
 
     def __call__(self, params, model_state: dict, x: Array, key: Array):
         b = self._prepared(params, model_state, x)
-        # Per group of blocks (one path): its parameters and its state as the blocks
-        # update it, and its gradient accumulator (zeros from the host: no program).
-        group_state = {}
-        tape, zs, log_dets = [], [], []
-        h = b["head"](x)
-        k = 0
-        for i, scale in enumerate(b["scales"]):
-            for blk in scale:
-                if blk.path not in group_state:
-                    group_state[blk.path] = {c: _get(model_state[c], blk.path)
-                                             for c in model_state}
-                h, ld, group_state[blk.path], vjp = b["blocks"][blk.kind](
-                    _get(params, blk.path), group_state[blk.path], blk.index, key, k, h)
-                tape.append((blk, vjp))
-                log_dets.append(ld)
-                k += 1
-            if i < len(b["transitions"]):
-                h, z, vjp = b["transitions"][i][1](h)
-                tape.append((None, vjp))
-                zs.append(z)
+        h, zs, log_dets, group_state, tape = self._forward(b, params, model_state, x, key,
+                                                           staged=True)
         (loss, bpd), (g_prior, g_zs, g_h, g_lds) = b["tail"](
             params.get("prior", {}), [z for z in zs if z is not None], h, log_dets)
         grads = {"prior": g_prior} if "prior" in params else {}   # learn_prior=False: none
+        # Gradient accumulators per group start as zeros from the host (no program).
         z_i = len(zs)
+        k = len(log_dets)
         for blk, vjp in reversed(tape):
             if blk is None:
                 z_i -= 1
