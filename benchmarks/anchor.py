@@ -39,7 +39,9 @@ reference's (``ratio.*``), the log-det overhead, and the load average before and
 On a shared machine ``machine_share`` (this run's matmul rate over the 239 GFLOP/s of
 ANCHORS.md) and ``ratio_load_adjusted.*`` (ratio times that share) give a rough estimate
 of the ratios on an unloaded machine; they are estimates, not measurements. Each timed
-key also has ``*.page_faults`` and ``*.system_seconds`` per call. With ``--reference FILE``
+key also has ``*.page_faults`` and ``*.system_seconds`` per call, and each jitted key
+``*.compile_lower`` (tracing + lowering), ``*.compile_xla`` (XLA) and ``*.compile_cpu``
+(CPU seconds of the whole compile, on all threads). With ``--reference FILE``
 (the JSON of ``python -m benchmarks.reference_torch``, which times the official PyTorch code
 on this machine) the ratios to that measurement are added as ``ratio_measured.*``: the
 comparison ANCHORS.md asks for, both timed on one machine in one session.
@@ -162,7 +164,8 @@ def _record(results, name, r, extra=None):
     results[name] = r["median"]
     results[f"{name}.min"] = r["min"]
     results[f"{name}.compile"] = r["compile"]
-    for key in ("page_faults", "system_seconds"):
+    for key in ("page_faults", "system_seconds", "compile_lower", "compile_xla",
+                "compile_cpu"):
         if key in r:
             results[f"{name}.{key}"] = r[key]
     if extra:

@@ -18,6 +18,14 @@ import numpy as np
 from iresnet_jax.train.state import TrainState
 
 
+def _cpu_seconds() -> float | None:
+    """User + kernel CPU seconds of this process so far (all threads), or ``None``."""
+    if resource is None:
+        return None
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _timed_calls(call: Callable[[], Any], repeats: int):
     """``(seconds of each of repeats calls, last output, usage)``; ``usage`` holds the
     minor page faults (``page_faults``) and kernel CPU seconds (``system_seconds``) per
@@ -40,16 +48,28 @@ def compile_and_time(fn: Callable, *args, repeats: int = 15, warmup: int = 2,
                      donate: tuple[int, ...] = ()) -> dict[str, Any]:
     """Compiles ``jax.jit(fn)`` for ``args`` and times it.
 
-    Returns ``compile`` (seconds for lowering + compilation), ``median`` and ``min``
-    seconds per call over ``repeats`` calls after ``warmup`` calls, XLA's ``flops``
-    estimate where available, and per timed call the process's minor page faults
-    (``page_faults``) and kernel CPU seconds (``system_seconds``), which show what
-    re-faulting freshly allocated buffers costs (``iresnet_jax.runtime``).
+    Returns ``compile`` (seconds for tracing + lowering + compilation) and its parts
+    ``compile_lower`` (tracing and lowering to StableHLO, Python) and ``compile_xla``
+    (XLA's passes and code generation), ``compile_cpu`` (the process's CPU seconds over
+    the whole compile: XLA:CPU generates code on several threads, so this exceeds the
+    wall time; it is also less sensitive than wall time to other load on the machine),
+    ``median`` and ``min`` seconds per call over ``repeats`` calls after ``warmup``
+    calls, XLA's ``flops`` estimate where available, and per timed call the process's
+    minor page faults (``page_faults``) and kernel CPU seconds (``system_seconds``),
+    which show what re-faulting freshly allocated buffers costs (``iresnet_jax.runtime``).
     """
     jitted = jax.jit(fn, donate_argnums=donate)
+    cpu0 = _cpu_seconds()
     t0 = time.perf_counter()
-    compiled = jitted.lower(*args).compile()
-    compile_s = time.perf_counter() - t0
+    lowered = jitted.lower(*args)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    cpu1 = _cpu_seconds()
+    compile_s = t2 - t0
+    parts = {"compile_lower": t1 - t0, "compile_xla": t2 - t1}
+    if cpu0 is not None:
+        parts["compile_cpu"] = cpu1 - cpu0
     flops = None
     try:
         cost = compiled.cost_analysis()
@@ -61,8 +81,8 @@ def compile_and_time(fn: Callable, *args, repeats: int = 15, warmup: int = 2,
     for _ in range(warmup):
         jax.block_until_ready(compiled(*args))
     times, out, usage = _timed_calls(lambda: compiled(*args), repeats)
-    return {"compile": compile_s, "median": statistics.median(times), "min": min(times),
-            "flops": flops, "output": out, **usage}
+    return {"compile": compile_s, **parts, "median": statistics.median(times),
+            "min": min(times), "flops": flops, "output": out, **usage}
 
 
 def time_first_call(fn: Callable, *args, repeats: int = 15, warmup: int = 2

@@ -29,6 +29,19 @@ def test_precision_check_reconstructs_on_cpu_at_both_precisions():
     assert np.isfinite(r["default"]["log_prob_first"])
 
 
+def test_compile_and_time_splits_the_compile_and_returns_the_output():
+    from benchmarks import timing
+    x = np.arange(6.0, dtype=np.float32).reshape(2, 3)
+    r = timing.compile_and_time(lambda a: jax.numpy.tanh(a) @ a.T, x, repeats=2, warmup=1)
+    np.testing.assert_allclose(np.asarray(r["output"]), np.tanh(x) @ x.T, rtol=1e-6)
+    assert r["compile_lower"] > 0 and r["compile_xla"] > 0
+    assert r["compile_lower"] + r["compile_xla"] == pytest.approx(r["compile"])
+    if "compile_cpu" in r:   # where the resource module exists
+        assert r["compile_cpu"] > 0
+    assert r["median"] >= r["min"] > 0
+    assert r["flops"] is None or r["flops"] >= 0
+
+
 def test_ab_compares_variants_of_one_function_on_a_tiny_model():
     from benchmarks import ab
     small = {"blocks_per_scale": [1, 1, 1], "hidden": 4}
