@@ -102,3 +102,11 @@ def test_side_by_side_pairs_keys_as_anchors_md_does():
     built = {"density.forward", "density.train", "density.train_logdet", "density.inverse20",
              "classifier.forward", "classifier.train", "classifier.inverse20"}
     assert {side_by_side._their_key(k) for k in ab.KEYS} == built
+
+
+def test_wgrad_batched_kernel_gradients_equal_the_sum_of_separate_ones():
+    from benchmarks import wgrad
+    r = wgrad.measure(4, 2, 3, repeats=1)
+    for name in ("batched", "batched_patches"):
+        assert r[name]["max_relative_difference"] < 1e-5
+        assert r[name]["compile"] > 0 and r[name]["median"] > 0
