@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from benchmarks.timing import compile_and_time
 from iresnet_jax import lipschitz
 
 # (spatial size, C_in, C_out) of the 3x3 convs of the ANCHORS.md density model.
@@ -74,16 +73,9 @@ def measure(size, c_in, c_out, repeats):
     dys = jnp.asarray(rng.normal(size=(N_PAIRS, BATCH, size, size, c_out)), jnp.float32)
     out, values = {}, {}
     for name, fn in variants((3, 3, c_in, c_out)).items():
-        t0 = time.perf_counter()
-        compiled = jax.jit(fn).lower(xs, dys).compile()
-        compile_s = time.perf_counter() - t0
-        values[name] = jax.block_until_ready(compiled(xs, dys))
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            jax.block_until_ready(compiled(xs, dys))
-            times.append(time.perf_counter() - t0)
-        out[name] = {"compile": compile_s, "median": statistics.median(times)}
+        r = compile_and_time(fn, xs, dys, repeats=repeats, warmup=1)
+        values[name] = r["output"]
+        out[name] = {"compile": r["compile"], "median": r["median"]}
     scale = float(jnp.max(jnp.abs(values["separate"])))
     for name in ("batched", "batched_patches"):
         out[name]["max_relative_difference"] = float(
