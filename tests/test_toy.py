@@ -59,6 +59,7 @@ def tiny_config(**overrides):
     c.eval_chunk = 256
     c.grid_size = 16
     c.n_plot_samples = 64
+    c.processes = 1  # the two-process runs are in test_multiprocess.py
     for k, v in overrides.items():
         c[k] = v
     return c

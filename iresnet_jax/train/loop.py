@@ -19,13 +19,26 @@ class NonFiniteLossError(RuntimeError):
     is kept)."""
 
 
+def restore_latest(checkpointer: Checkpointer, state: TrainState,
+                   print_fn: Callable[[str], None] = print) -> TrainState:
+    """``state`` from ``checkpointer``'s latest checkpoint (``state`` is the template),
+    or ``state`` itself when there is none."""
+    restored = checkpointer.restore(state)
+    if restored is None:
+        return state
+    print_fn(f"resumed from checkpoint at step {int(restored.step)} "
+             f"({checkpointer.directory})")
+    return restored
+
+
 def run(*, state: TrainState, train_step: Callable[[TrainState, Any], tuple[TrainState,
                                                                             Mapping]],
         batch_fn: Callable[[int], Any], num_steps: int, checkpointer: Checkpointer | None,
         writer: MetricWriter | None = None, log_every: int = 100,
         checkpoint_every: int = 1000, eval_every: int | None = None,
         eval_fn: Callable[[TrainState], Mapping[str, float]] | None = None,
-        print_fn: Callable[[str], None] = print) -> tuple[TrainState, dict]:
+        print_fn: Callable[[str], None] = print, restore: bool = True
+        ) -> tuple[TrainState, dict]:
     """Trains ``state`` up to ``num_steps`` steps, resuming from ``checkpointer``.
 
     Args:
@@ -40,6 +53,8 @@ def run(*, state: TrainState, train_step: Callable[[TrainState, Any], tuple[Trai
       log_every, checkpoint_every, eval_every: intervals in steps.
       eval_fn: ``state -> scalars``, called every ``eval_every`` steps and at the end.
       print_fn: where progress lines go.
+      restore: resume from ``checkpointer``'s latest checkpoint first (``False``: the
+        caller has restored ``state`` itself, e.g. to share it with other processes).
 
     Returns:
       ``(state, summary)`` with the final metrics, the last evaluation, steps run in this
@@ -50,12 +65,8 @@ def run(*, state: TrainState, train_step: Callable[[TrainState, Any], tuple[Trai
     """
     if num_steps <= 0:
         raise ValueError(f"num_steps must be positive, got {num_steps}")
-    if checkpointer is not None:
-        restored = checkpointer.restore(state)
-        if restored is not None:
-            state = restored
-            print_fn(f"resumed from checkpoint at step {int(state.step)} "
-                     f"({checkpointer.directory})")
+    if checkpointer is not None and restore:
+        state = restore_latest(checkpointer, state, print_fn)
     start = int(state.step)
     progress = Progress(num_steps, start)
     t_start = time.time()
