@@ -259,7 +259,9 @@ def _pin(config, rank: int, n: int) -> list[int] | None:
     and there is one per process; returns the CPUs to restore afterwards (``None``: not
     pinned). Measured on the main job: 93 steps/s pinned, 77 unpinned (2-core VM)."""
     cpus = multiprocess.available_cpus()
-    if not config.get("pin_processes", True) or len(cpus) < n or not multiprocess.pin_threads([cpus[rank]]):
+    if not config.get("pin_processes", True) or len(cpus) < n:
+        return None
+    if not multiprocess.pin_threads([cpus[rank]]):
         return None
     return cpus
 
