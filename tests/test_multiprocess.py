@@ -118,28 +118,6 @@ def test_two_process_toy_run_matches_one_process_run(tmp_path):
     assert (tmp_path / "two" / "checkerboard_iresnet.png").exists()
 
 
-class _Killed(Exception):
-    pass
-
-
-@two_cpus
-def test_killed_two_process_run_resumes_to_the_uninterrupted_result(tmp_path):
-    c = tiny_config(processes=2, num_steps=6)
-    full = toy.train_and_evaluate(c, str(tmp_path / "full"), print_fn=lambda s: None)
-
-    def kill_at_step_4(line):
-        if line.startswith("step 4/"):
-            raise _Killed()  # rank 0 dies after step 4, before its checkpoint
-
-    with pytest.raises(_Killed):
-        toy.train_and_evaluate(c, str(tmp_path / "resumed"), print_fn=kill_at_step_4)
-    lines = []
-    resumed = toy.train_and_evaluate(c, str(tmp_path / "resumed"), print_fn=lines.append)
-    assert any("resumed from checkpoint at step 2" in line for line in lines)
-    assert resumed["steps_this_run"] == 4
-    assert resumed["test_nll"] == pytest.approx(full["test_nll"], abs=1e-6)
-
-
 @pytest.mark.parametrize("overrides,match", [
     ({"processes": 0}, "processes must be a positive integer"),
     ({"processes": 3, "batch_size": 64}, "not divisible"),

@@ -10,7 +10,7 @@ import pytest
 
 from experiments.configs import toy_default
 from iresnet_jax.data import toy2d
-from iresnet_jax.train import toy
+from iresnet_jax.train import multiprocess, toy
 
 
 @pytest.mark.parametrize("name", toy2d.DATASETS)
@@ -84,8 +84,13 @@ class _Killed(Exception):
     pass
 
 
-def test_killed_run_resumes_to_the_state_of_an_uninterrupted_run(tmp_path):
-    c = tiny_config(num_steps=6)
+@pytest.mark.parametrize("processes", [
+    1, pytest.param(2, marks=pytest.mark.skipif(len(multiprocess.available_cpus()) < 2,
+                                                reason="needs two CPUs"))])
+def test_killed_run_resumes_to_the_state_of_an_uninterrupted_run(tmp_path, processes):
+    """With two processes rank 0 dies (rank 1 stops with it) and the rerun restores in
+    rank 0 and hands the state to rank 1."""
+    c = tiny_config(num_steps=6, processes=processes)
     full = toy.train_and_evaluate(c, str(tmp_path / "full"), print_fn=lambda s: None)
 
     def kill_at_step_4(line):

@@ -241,15 +241,46 @@ class ProcessGroup:
                 pass
 
 
+# JAX settings a spawned process takes over from its parent: the persistent compilation
+# cache, so that a worker loads the programs an earlier run (or another rank) compiled.
+_INHERITED_JAX_SETTINGS = ("jax_compilation_cache_dir",
+                           "jax_persistent_cache_min_compile_time_secs",
+                           "jax_persistent_cache_min_entry_size_bytes")
+
+
+def _inherited_jax_settings() -> dict:
+    import jax
+
+    settings = {}
+    for name in _INHERITED_JAX_SETTINGS:
+        try:
+            settings[name] = getattr(jax.config, name)
+        except AttributeError:  # an older or newer JAX without this option
+            continue
+    return settings
+
+
+def _bootstrap(target, jax_settings: dict, handle: Handle, *args) -> None:
+    import jax
+
+    for name, value in jax_settings.items():
+        if value is not None:
+            jax.config.update(name, value)
+    target(handle, *args)
+
+
 def spawn(target: Callable[..., Any], group: ProcessGroup, args: tuple = ()) -> None:
-    """Starts ranks ``1..n-1`` of ``group``: ``target(handle, *args)`` in fresh processes.
+    """Starts ranks ``1..n-1`` of ``group``: ``target(handle, *args)`` in fresh processes,
+    with this process's persistent-compilation-cache settings.
 
     ``target`` must be importable (a module-level function) and must call
     ``ProcessGroup.attach(handle)``.
     """
     ctx = multiprocessing.get_context("spawn")
+    settings = _inherited_jax_settings()
     for rank in range(1, group.n):
-        p = ctx.Process(target=target, args=(group.handle(rank),) + tuple(args),
+        p = ctx.Process(target=_bootstrap,
+                        args=(target, settings, group.handle(rank)) + tuple(args),
                         name=f"iresnet-jax rank {rank}", daemon=True)
         p.start()
         group.workers.append(p)

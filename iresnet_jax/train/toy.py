@@ -123,20 +123,24 @@ def _rngs(model, key):
     return {"logdet": keys[0], "sample": keys[1]}
 
 
+def _loss_and_grads(model, state: TrainState, x, key):
+    """``(mean NLL of x, new non-parameter state, gradients)`` at ``state.params``."""
+    def loss_fn(params):
+        variables = {"params": params, **state.model_state}
+        log_p, new_state = model.apply(variables, x, train=True, method="log_prob",
+                                       rngs=_rngs(model, key),
+                                       mutable=list(state.model_state.keys()))
+        return -jnp.mean(log_p), new_state
+
+    (loss, new_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return loss, new_state, grads
+
+
 def make_steps(model, eval_chunk: int):
     """Jitted train step and a chunked per-example log-density."""
 
     def train_step(state: TrainState, x):
-        key = state.step_key()
-
-        def loss_fn(params):
-            variables = {"params": params, **state.model_state}
-            log_p, new_state = model.apply(variables, x, train=True, method="log_prob",
-                                           rngs=_rngs(model, key),
-                                           mutable=list(state.model_state.keys()))
-            return -jnp.mean(log_p), new_state
-
-        (loss, new_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        loss, new_state, grads = _loss_and_grads(model, state, x, state.step_key())
         grad_norm = optax.global_norm(grads)
         return state.apply_gradients(grads, {**state.model_state, **new_state}), {
             "loss": loss, "grad_norm": grad_norm}
@@ -174,15 +178,7 @@ def make_data_parallel_step(model, state: TrainState, rank: int,
     @jax.jit
     def grad_fn(state: TrainState, x):
         key = jax.random.fold_in(state.step_key(), rank)
-
-        def loss_fn(params):
-            variables = {"params": params, **state.model_state}
-            log_p, new_state = model.apply(variables, x, train=True, method="log_prob",
-                                           rngs=_rngs(model, key),
-                                           mutable=list(state.model_state.keys()))
-            return -jnp.mean(log_p), new_state
-
-        (loss, new_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        loss, new_state, grads = _loss_and_grads(model, state, x, key)
         new_state = {**state.model_state, **new_state}
         return ravel_pytree((loss.astype(jnp.float32), grads, new_state))[0]
 
