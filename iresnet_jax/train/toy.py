@@ -36,7 +36,7 @@ from iresnet_jax.models.glow import Glow
 from iresnet_jax.models.toy import ToyIResNet
 from iresnet_jax.train.checkpoint import Checkpointer
 from iresnet_jax.train import multiprocess
-from iresnet_jax.train.loop import restore_latest, run
+from iresnet_jax.train.loop import NonFiniteLossError, restore_latest, run
 from iresnet_jax.train.metrics import MetricWriter
 from iresnet_jax.train.state import TrainState, check_workdir
 
@@ -303,6 +303,10 @@ def _worker(handle: multiprocess.Handle, config: ml_collections.ConfigDict) -> N
             eval_every=config.eval_every,
             eval_fn=_test_nll_fn(config, log_prob, handle.rank, group),
             print_fn=lambda line: None, restore=False)
+    except (multiprocess.PeerFailedError, NonFiniteLossError):
+        # Rank 0 reports these (it stops at the same step, or it is what failed).
+        group.abort()
+        raise SystemExit(1)
     except BaseException:
         group.abort()
         raise
@@ -327,30 +331,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
     fused_step, log_prob = make_steps(model, config.eval_chunk)
     eval_key = jax.random.PRNGKey(config.seed + 7)
-    group = None
-    if n_proc > 1:
-        try:
-            group = multiprocess.ProcessGroup.create(n_proc, _slot_bytes(state))
-        except OSError as e:  # no shared memory here: train in this process alone
-            logging.warning("shared memory unavailable (%s); training in one process", e)
-            print_fn(f"shared memory unavailable ({e}); training in one process")
-            n_proc = 1
-    if group is not None:
-        multiprocess.spawn(_worker, group, (config,))
-        train_step = make_data_parallel_step(model, state, 0, group)
-    else:
-        train_step = fused_step
-    eval_fn = _test_nll_fn(config, log_prob, 0, group)
-
     checkpointer = Checkpointer(workdir)
     writer = MetricWriter(workdir)
     true_nll = toy2d.true_nll(config.dataset)
-    print_fn(f"{config.model} on {config.dataset}: {n_params} parameters, "
-             f"{config.num_steps} steps of batch {config.batch_size}"
-             + (f" in {n_proc} processes" if n_proc > 1 else "")
-             + (f"; true test NLL {true_nll:.4f} nats" if true_nll is not None else ""))
-    restore_cpus = None
+    group, restore_cpus = None, None
     try:
+        if n_proc > 1:
+            try:
+                group = multiprocess.ProcessGroup.create(n_proc, _slot_bytes(state))
+            except OSError as e:  # no shared memory here: train in this process alone
+                logging.warning("shared memory unavailable (%s); training in one process", e)
+                print_fn(f"shared memory unavailable ({e}); training in one process")
+                n_proc = 1
+        if group is not None:
+            multiprocess.spawn(_worker, group, (config,))
+            train_step = make_data_parallel_step(model, state, 0, group)
+        else:
+            train_step = fused_step
+        eval_fn = _test_nll_fn(config, log_prob, 0, group)
+        print_fn(f"{config.model} on {config.dataset}: {n_params} parameters, "
+                 f"{config.num_steps} steps of batch {config.batch_size}"
+                 + (f" in {n_proc} processes" if n_proc > 1 else "")
+                 + (f"; true test NLL {true_nll:.4f} nats" if true_nll is not None else ""))
         state = restore_latest(checkpointer, state, print_fn)
         if group is not None:
             state = group.broadcast(state)
