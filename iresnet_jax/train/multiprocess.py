@@ -100,8 +100,7 @@ class ProcessGroup:
     has finished the round before, which is when the slots were last read.
     """
 
-    def __init__(self, handle: Handle, shm: shared_memory.SharedMemory, *, owner: bool,
-                 workers: Sequence[multiprocessing.process.BaseProcess] = ()):
+    def __init__(self, handle: Handle, shm: shared_memory.SharedMemory, *, owner: bool):
         self.n, self.rank, self.slot_bytes = handle.n, handle.rank, handle.slot_bytes
         self._handle, self._shm, self._owner = handle, shm, owner
         self._lock = handle.lock
@@ -110,7 +109,7 @@ class ProcessGroup:
         self._slots = np.ndarray((2, self.n, self.slot_bytes), np.uint8, buffer=shm.buf,
                                  offset=_HEADER)
         self._round = 0
-        self.workers = list(workers)
+        self.workers: list[multiprocessing.process.BaseProcess] = []  # spawn() adds
 
     @classmethod
     def create(cls, n: int, slot_bytes: int) -> "ProcessGroup":
@@ -286,18 +285,15 @@ def spawn(target: Callable[..., Any], group: ProcessGroup, args: tuple = ()) -> 
         group.workers.append(p)
 
 
-def data_parallel_step(grad_fn: Callable, apply_fn: Callable, group: ProcessGroup | None):
+def data_parallel_step(grad_fn: Callable, apply_fn: Callable, group: ProcessGroup):
     """A train step ``(state, local_batch) -> (state, metrics)`` that averages over the
     group between two jitted functions.
 
     ``grad_fn(state, batch) -> vector`` (jitted; a float vector: the loss, the gradients
     and anything else to average, e.g. from ``jax.flatten_util.ravel_pytree``) and
-    ``apply_fn(state, mean_vector) -> (state, metrics)`` (jitted). Without a group the
-    mean is the vector itself.
+    ``apply_fn(state, mean_vector) -> (state, metrics)`` (jitted).
     """
     def step(state, batch):
-        vector = np.asarray(grad_fn(state, batch))
-        mean = vector if group is None else group.mean(vector)
-        return apply_fn(state, mean)
+        return apply_fn(state, group.mean(np.asarray(grad_fn(state, batch))))
 
     return step

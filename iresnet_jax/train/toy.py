@@ -114,6 +114,11 @@ def batch_for_step(config, step: int) -> np.ndarray:
                         np.random.default_rng([config.seed, 1, step]))
 
 
+def eval_key(config):
+    """The key of the held-out evaluation and the density grid (stochastic log-dets)."""
+    return jax.random.PRNGKey(config.seed + 7)
+
+
 def test_set(config) -> np.ndarray:
     return toy2d.sample(config.dataset, config.n_test, np.random.default_rng([config.seed, 2]))
 
@@ -166,7 +171,7 @@ def make_steps(model, eval_chunk: int):
 
 
 def make_data_parallel_step(model, state: TrainState, rank: int,
-                            group: multiprocess.ProcessGroup | None):
+                            group: multiprocess.ProcessGroup):
     """The train step of one process of a data-parallel run: the gradient of the local
     batch (jitted), the mean over the group's processes (shared memory), the update
     (jitted). The loss, the gradients and the new power-iteration state are averaged
@@ -267,10 +272,10 @@ def _test_nll_fn(config, log_prob, rank: int = 0,
     """``state -> {"test_nll": ...}`` on the held-out set; in a data-parallel run every
     process evaluates its share of the set and the group combines the sums."""
     x_test = test_set(config)
-    eval_key = jax.random.PRNGKey(config.seed + 7)
+    key = eval_key(config)
     if group is None:
         def eval_fn(state):
-            lp = log_prob(state.variables(), x_test, eval_key)
+            lp = log_prob(state.variables(), x_test, key)
             return {"test_nll": float(-np.mean(lp))}
         return eval_fn
     chunks = -(-len(x_test) // config.eval_chunk)
@@ -278,7 +283,7 @@ def _test_nll_fn(config, log_prob, rank: int = 0,
     lo, hi = min(rank * per, len(x_test)), min((rank + 1) * per, len(x_test))
 
     def eval_fn(state):
-        lp = log_prob(state.variables(), x_test[lo:hi], eval_key, offset=lo) \
+        lp = log_prob(state.variables(), x_test[lo:hi], key, offset=lo) \
             if hi > lo else np.zeros((0,), np.float32)
         sums = group.mean(np.asarray([-np.sum(lp, dtype=np.float64), hi - lo], np.float64))
         return {"test_nll": float(sums[0] / sums[1])}
@@ -330,7 +335,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     state = _initial_state(config, model)
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
     fused_step, log_prob = make_steps(model, config.eval_chunk)
-    eval_key = jax.random.PRNGKey(config.seed + 7)
     checkpointer = Checkpointer(workdir)
     writer = MetricWriter(workdir)
     true_nll = toy2d.true_nll(config.dataset)
@@ -381,7 +385,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     g = np.linspace(-lim, lim, config.grid_size, dtype=np.float32)
     gx, gy = np.meshgrid(g, g)
     grid = np.stack([gx.ravel(), gy.ravel()], axis=1)
-    density = np.exp(log_prob(state.variables(), grid, eval_key)).reshape(gx.shape)
+    density = np.exp(log_prob(state.variables(), grid, eval_key(config))).reshape(gx.shape)
     # A sanity check of the model itself: a normalized density integrates to <= 1 over the
     # plotted square (close to 1 when the square holds the support).
     grid_mass = float(np.sum(density) * (g[1] - g[0]) ** 2)
