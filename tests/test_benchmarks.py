@@ -110,3 +110,75 @@ def test_wgrad_batched_kernel_gradients_equal_the_sum_of_separate_ones():
     for name in ("batched", "batched_patches"):
         assert r[name]["max_relative_difference"] < 1e-5
         assert r[name]["compile"] > 0 and r[name]["median"] > 0
+
+
+def test_krylov_bound_has_its_known_values():
+    from benchmarks.inverse_bound import iterations_to, krylov_errors, plain_errors
+    # J = rho * cyclic shift: eigenvalues fill a circle, where (-J)^k is nearly optimal;
+    # from e0 = e_1 the best degree-k error is exactly (sum_{j<=k} rho^(-2j))^(-1/2).
+    n, rho = 64, 0.5
+    jac = rho * np.roll(np.eye(n), 1, axis=0)
+    e0 = np.eye(n)[0]
+    np.testing.assert_allclose(plain_errors(jac, e0, 10), rho ** np.arange(11), rtol=1e-12)
+    expected = [sum(rho ** (-2.0 * j) for j in range(k + 1)) ** -0.5 for k in range(11)]
+    np.testing.assert_allclose(krylov_errors(jac, e0, 10), expected, rtol=1e-10)
+    # symmetric J with spectrum in [0, 0.9]: Krylov (Chebyshev-like) needs far fewer steps
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.normal(size=(200, 200)))
+    jac = q @ np.diag(rng.uniform(0.0, 0.9, 200)) @ q.T
+    e0 = rng.normal(size=200)
+    plain, krylov = plain_errors(jac, e0, 150), krylov_errors(jac, e0, 150)
+    threshold = 1e-6 * np.linalg.norm(e0)
+    assert iterations_to(plain, threshold) > 80 and iterations_to(krylov, threshold) <= 12
+    # the Krylov optimum is never worse than the plain iteration (whose iterate it contains)
+    jac = 0.3 * rng.normal(size=(50, 50)) / np.sqrt(50)
+    e0 = rng.normal(size=50)
+    assert np.all(krylov_errors(jac, e0, 20) <= plain_errors(jac, e0, 20) * (1 + 1e-12))
+    assert iterations_to(np.array([1.0, 0.5]), 0.1) is None
+
+
+def test_block_jacobians_records_the_branch_jacobian_at_the_solution():
+    import flax.linen as nn
+    import jax.numpy as jnp
+    from benchmarks.inverse_bound import analyse, block_jacobians
+    from iresnet_jax import inverse as inverse_lib
+
+    w = np.random.default_rng(1).normal(size=(6, 6)).astype(np.float32) * 0.2
+
+    def g(x):
+        return 0.5 * jnp.tanh(x @ w)
+
+    class OneBlock(nn.Module):
+        def __call__(self, x):
+            return x + g(x)
+
+        def inverse(self, y):
+            return inverse_lib.fixed_point(g, y, tol=0.0, rtol=1e-6, max_iter=50)[0]
+
+    model = OneBlock()
+    x_true = np.random.default_rng(2).normal(size=(3, 6)).astype(np.float32)
+    y = model.apply({}, x_true)
+    (rec,) = block_jacobians(model, {}, y, example=1)
+    x = rec["x"]
+    np.testing.assert_allclose(x, x_true[1], atol=1e-5)
+    expected = 0.5 * (1 - np.tanh(x @ w) ** 2)[:, None] * w.T   # d g_i / d x_j
+    np.testing.assert_allclose(rec["jacobian"], expected, rtol=1e-5, atol=1e-6)
+    (row,) = analyse([rec], rtol=1e-6, k_max=30, eig=True)
+    assert row["sigma_max"] == pytest.approx(np.linalg.norm(expected, 2), rel=1e-5)
+    assert row["spectral_radius"] <= row["sigma_max"] + 1e-12
+    assert row["krylov_iterations"] <= row["plain_iterations"] <= 30
+    assert 1 <= row["measured_iterations"] <= 50
+
+
+def test_block_jacobians_visits_every_block_of_a_model():
+    from benchmarks.inverse_bound import analyse, block_jacobians
+    model = models.build("digits_classifier", stages=(1, 2, 1), hidden=4, unroll=2,
+                         inverse_tol=0.0, inverse_rtol=1e-6)
+    x = jax.random.uniform(jax.random.key(0), (2, 8, 8, 1))
+    variables = model.init(jax.random.key(1), x)
+    z = model.apply(variables, x, method="features")
+    rows = analyse(block_jacobians(model, variables, z), rtol=1e-6, k_max=20, eig=False)
+    assert [r["dim"] for r in rows] == [4 * 4 * 16, 4 * 4 * 16, 4 * 4 * 16, 8 * 8 * 4]
+    for r in rows:   # each conv normalized to <= 0.9, ELU 1-Lipschitz
+        assert 0 < r["sigma_max"] <= 0.9 ** 3 + 1e-5
+        assert r["krylov_iterations"] <= r["plain_iterations"] <= 20
