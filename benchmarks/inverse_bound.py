@@ -23,8 +23,8 @@ Jacobian of the branch at the solution, and in float64:
 
 If ``krylov_iterations`` is close to ``plain_iterations``, no accelerator that evaluates
 ``g`` once per iteration can make the tolerance inverse much faster than the plain
-iteration; the spectrum of ``J`` (a disk around 0 for random weights, on which ``z^k``
-is the optimal polynomial) is the reason.
+iteration. At initialization the spectrum of ``J`` is spread around 0 in every
+direction (for a disk, ``z^k`` is the optimal polynomial), which is why.
 
     python -m benchmarks.inverse_bound              # both models, every block
     python -m benchmarks.inverse_bound --eig        # + spectral radii (slower)
