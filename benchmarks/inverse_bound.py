@@ -28,6 +28,7 @@ direction (for a disk, ``z^k`` is the optimal polynomial), which is why.
 
     python -m benchmarks.inverse_bound              # both models, every block
     python -m benchmarks.inverse_bound --eig        # + spectral radii (slower)
+    python -m benchmarks.inverse_bound --workdir=DIR  # a trained model (experiments/train.py)
 
 Prints one JSON object; nothing is asserted.
 """
@@ -39,6 +40,7 @@ import json
 import platform
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from iresnet_jax import inverse as inverse_lib
@@ -150,29 +152,58 @@ def _inputs(preset: str, variables, model, x):
     return jax.jit(lambda v, x: model.apply(v, x)[0])(variables, x)
 
 
+def _with_tolerance(model, rtol: float):
+    """``model`` with the tolerance inverse of ``benchmarks.anchor`` (relative step test,
+    at most 100 iterations), for a classifier's feature extractor or a density model."""
+    kw = dict(inverse_tol=0.0, inverse_rtol=rtol, inverse_max_iter=100)
+    if hasattr(model, "extractor"):
+        return model.clone(extractor=model.extractor.clone(**kw))
+    return model.clone(**kw)
+
+
+def _summary(rows: list[dict], eig: bool) -> dict:
+    summary = {key: float(np.mean([r[key] for r in rows]))
+               for key in ("measured_iterations", "plain_iterations", "krylov_iterations",
+                           "sigma_max")
+               if all(r[key] is not None for r in rows)}
+    if eig:
+        summary["spectral_radius"] = float(np.mean([r["spectral_radius"] for r in rows]))
+    return summary
+
+
 def run(presets=("anchors_classifier", "anchors_density"), *, rtol: float = 1e-6,
         k_max: int = 12, eig: bool = False, batch: int = 64) -> dict:
+    """The bound for the ANCHORS.md models at initialization (the benchmark's inputs)."""
     from benchmarks import anchor
     _, x, _ = anchor._data(batch=batch)
     results = {"rtol": rtol, "models": {}}
     for preset in presets:
-        kw = dict(inverse_tol=0.0, inverse_rtol=rtol, inverse_max_iter=100)
-        if preset == "anchors_density":
-            kw["logdet_method"] = "none"
-        model = models.build(preset, **kw)
+        kw = {"logdet_method": "none"} if preset == "anchors_density" else {}
+        model = _with_tolerance(models.build(preset, **kw), rtol)
         rngs = {"params": jax.random.key(0), "logdet": jax.random.key(1)}
         variables = jax.jit(model.init)(rngs, x)
         rows = analyse(block_jacobians(model, variables, _inputs(preset, variables, model, x)),
                        rtol, k_max, eig)
-        summary = {key: float(np.mean([r[key] for r in rows]))
-                   for key in ("measured_iterations", "plain_iterations",
-                               "krylov_iterations", "sigma_max")
-                   if all(r[key] is not None for r in rows)}
-        if eig:
-            summary["spectral_radius"] = float(np.mean([r["spectral_radius"] for r in rows]))
+        summary = _summary(rows, eig)
         results["models"][preset] = {"blocks": rows, "mean": summary}
         print(preset, json.dumps(summary), flush=True)
     return results
+
+
+def run_trained(workdir: str, *, rtol: float = 1e-6, k_max: int = 12, eig: bool = False,
+                batch: int = 64) -> dict:
+    """The bound for a model trained by ``experiments/train.py`` (its latest checkpoint),
+    on the first ``batch`` test images."""
+    from iresnet_jax import analysis
+    t = analysis.load_workdir(workdir)
+    model = _with_tolerance(t.model, rtol)
+    x = jnp.asarray(t.test_inputs(batch))
+    z = jax.jit(analysis._forward(t, model))(t.variables, x)
+    rows = analyse(block_jacobians(model, t.variables, z), rtol, k_max, eig)
+    summary = _summary(rows, eig)
+    print(t.name, json.dumps(summary), flush=True)
+    return {"rtol": rtol, "models": {workdir: {"name": t.name, "step": t.step,
+                                               "blocks": rows, "mean": summary}}}
 
 
 def main(argv=None):
@@ -181,10 +212,16 @@ def main(argv=None):
     parser.add_argument("--rtol", type=float, default=1e-6)
     parser.add_argument("--k_max", type=int, default=12)
     parser.add_argument("--eig", action="store_true", help="also the spectral radii")
+    parser.add_argument("--workdir", default=None,
+                        help="a model trained by experiments/train.py instead of the "
+                             "ANCHORS.md models at initialization")
     parser.add_argument("--output", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
-    results = run(tuple(args.presets.split(",")), rtol=args.rtol, k_max=args.k_max,
-                  eig=args.eig)
+    if args.workdir:
+        results = run_trained(args.workdir, rtol=args.rtol, k_max=args.k_max, eig=args.eig)
+    else:
+        results = run(tuple(args.presets.split(",")), rtol=args.rtol, k_max=args.k_max,
+                      eig=args.eig)
     results["machine"] = platform.processor() or platform.machine()
     text = json.dumps(results)
     if args.output:

@@ -82,6 +82,18 @@ def test_evaluate_workdir(trained):
     assert n == 1 or evaluation.model_bias_bound(bounds, n - 1) > nats
 
 
+def test_inverse_bound_reads_a_trained_workdir(trained):
+    from benchmarks import inverse_bound
+    _, workdir, _, _, _ = trained
+    r = inverse_bound.run_trained(workdir, batch=2, k_max=30)
+    (entry,) = r["models"].values()
+    assert entry["step"] == 2 and len(entry["blocks"]) == 3
+    for row in entry["blocks"]:   # each conv normalized to <= 0.9, ELU 1-Lipschitz
+        assert 0 < row["sigma_max"] <= 0.9 ** 3 + 1e-5
+        assert row["krylov_iterations"] <= row["plain_iterations"] <= 30
+        assert row["measured_iterations"] >= 1
+
+
 def test_terms_for_model_bias_matches_bias_bound():
     bounds = [evaluation.BlockBound(f"b{i}", lip, dim, (), ())
               for i, (lip, dim) in enumerate([(0.7, 196), (0.73, 196), (0.5, 98)])]
