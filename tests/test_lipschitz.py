@@ -284,6 +284,19 @@ def test_conv2d_col2im_equals_lax_conv_with_gradients(x64, ksize):
         np.testing.assert_allclose(via, expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.skipif(not hasattr(jax.lax, "split"), reason="jnp.split is slices here")
+def test_conv2d_col2im_backward_concatenates_instead_of_adding_padded_copies():
+    """The input gradient of the output-side form takes the product's cotangent as one
+    concatenation of the nine shifted output cotangents; adding nine copies each padded to
+    all 9 * C_out channels made the classifier's training step 5-12% slower."""
+    x = jnp.ones((2, 5, 7, 6))
+    kernel = jnp.ones((3, 3, 6, 4))
+    _, vjp = jax.vjp(lipschitz.conv2d_col2im, x, kernel)
+    text = str(jax.make_jaxpr(vjp)(jnp.ones((2, 5, 7, 4))))
+    assert "concatenate" in text
+    assert "f32[2,5,7,36] = pad" not in text and "f32[2,5,7,36] = add" not in text
+
+
 # (option, C_in, C_out, seed): the narrowing hybrid's value is output-side (col2im), the
 # widening hybrid's is im2col patches; both take lax.conv's derivatives.
 HYBRIDS = [("narrowing", 6, 2, 17), ("widening", 2, 5, 19)]
