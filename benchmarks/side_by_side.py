@@ -6,7 +6,8 @@ This script builds, for each ANCHORS.md key, our jitted function (as ``benchmark
 builds it, from the ``anchors_*`` presets) and the official code's (as
 ``benchmarks.reference_torch`` builds it, from a local checkout) and times them in
 interleaved rounds (``--rounds`` rounds of ``--calls`` calls of each, the order
-alternating between rounds), so that both see the same machine. The reference runs in a
+alternating between rounds, each side's calls preceded by one untimed call), so that both
+see the same machine and each is timed in its steady state. The reference runs in a
 worker process (``reference_torch --serve``) that waits while ours runs and vice versa:
 in one process, XLA's and PyTorch's thread pools got in each other's way (the
 reference's 20-iteration inverses ran 2.5 times slower than alone). The reference's
@@ -112,9 +113,14 @@ def main(argv=None) -> dict:
         for r in range(args.rounds):
             order = ("ours", "reference") if r % 2 == 0 else ("reference", "ours")
             for side in order:
+                # One untimed call after each switch, for both sides: the first call after
+                # the other library ran found cold caches and re-faulted buffers (our
+                # 11 ms density forward had a median of 19 ms over min 11 ms without it).
                 if side == "reference":
+                    reference_calls(_their_key(key), 1)
                     times[side] += reference_calls(_their_key(key), args.calls)
                     continue
+                jax.block_until_ready(ours(*fargs))
                 for _ in range(args.calls):
                     t0 = time.perf_counter()
                     jax.block_until_ready(ours(*fargs))
