@@ -154,11 +154,9 @@ def _inputs(preset: str, variables, model, x):
 
 def _with_tolerance(model, rtol: float):
     """``model`` with the tolerance inverse of ``benchmarks.anchor`` (relative step test,
-    at most 100 iterations), for a classifier's feature extractor or a density model."""
-    kw = dict(inverse_tol=0.0, inverse_rtol=rtol, inverse_max_iter=100)
-    if hasattr(model, "extractor"):
-        return model.clone(extractor=model.extractor.clone(**kw))
-    return model.clone(**kw)
+    at most 100 iterations)."""
+    from iresnet_jax import analysis
+    return analysis._with_inverse(model, 0.0, 100, rtol=rtol)
 
 
 def _summary(rows: list[dict], eig: bool) -> dict:

@@ -322,11 +322,16 @@ def plot_singular_values(rows: Sequence[dict]):
 # 2-3. Reconstructions and fixed-point convergence (Figs. 7, 8).
 
 
-def _with_inverse(model: nn.Module, tol: float, max_iter: int) -> nn.Module:
+def _with_inverse(model: nn.Module, tol: float, max_iter: int,
+                  rtol: float | None = None) -> nn.Module:
+    """``model`` (a classifier's feature extractor or a flow) with the fixed-point
+    inverse's ``tol``, ``max_iter`` and, unless ``None``, ``rtol``."""
+    kw = dict(inverse_tol=tol, inverse_max_iter=max_iter)
+    if rtol is not None:
+        kw["inverse_rtol"] = rtol
     if hasattr(model, "extractor"):
-        return model.clone(extractor=model.extractor.clone(inverse_tol=tol,
-                                                           inverse_max_iter=max_iter))
-    return model.clone(inverse_tol=tol, inverse_max_iter=max_iter)
+        return model.clone(extractor=model.extractor.clone(**kw))
+    return model.clone(**kw)
 
 
 def _forward(t: Trained, model: nn.Module | None = None):
