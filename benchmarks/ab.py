@@ -19,6 +19,14 @@ Variants are keyword overrides of the model preset, as JSON objects::
 of the jitted gradient (``"staged": "dots"`` or ``"nothing"``: with that ``save``); its
 compile seconds are its first call's minus its second call's.
 
+``"compiler_options"`` (an object of XLA debug options and their values, as strings)
+compiles that variant's program with them (``Lowered.compile(compiler_options=...)``), so
+that XLA settings can be compared in one process on the same model, without
+``XLA_FLAGS``::
+
+    python -m benchmarks.ab --key density.forward '{}' \
+        '{"compiler_options": {"xla_cpu_max_isa": "AVX2"}}'
+
 Keys (as in ``benchmarks.anchor``): ``density.forward``, ``density.train``,
 ``density.train_logdet``, ``density.train_logdet_neumann``, ``density.inverse20``,
 ``density.inverse_tol`` (plain iteration), and the classifier's ``forward``, ``train``,
@@ -112,14 +120,23 @@ def compare(key: str, variants: list[dict], *, rounds: int = 6, calls: int = 3,
     results = {"key": key, "rounds": rounds, "calls_per_round": calls, "batch": batch,
                "variants": []}
     for overrides in variants:
-        fn, args = build(key, overrides, preset, batch, shape)
+        model_overrides = dict(overrides)
+        options = model_overrides.pop("compiler_options", None)
+        if options is not None:
+            if not isinstance(options, dict):
+                raise ValueError(f'"compiler_options" must be an object of XLA options, got '
+                                 f'{options!r}')
+            if overrides.get("staged"):
+                raise ValueError('"compiler_options" applies to jitted variants, not to '
+                                 '"staged" ones (which compile on their first call)')
+        fn, args = build(key, model_overrides, preset, batch, shape)
         if overrides.get("staged"):
             # Compiles on its first call: first call minus a second, steady one.
             c = fn
             compile_s = time_first_call(fn, *args, repeats=1, warmup=1)["compile"]
         else:
             t0 = time.perf_counter()
-            c = jax.jit(fn).lower(*args).compile()
+            c = jax.jit(fn).lower(*args).compile(compiler_options=options)
             compile_s = time.perf_counter() - t0
             jax.block_until_ready(c(*args))
         compiled.append((c, args))
@@ -147,7 +164,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--key", required=True, choices=KEYS)
     parser.add_argument("variants", nargs="+",
-                        help="JSON objects of model overrides, e.g. '{\"narrowing\": \"conv\"}'")
+                        help="JSON objects of model overrides, e.g. '{\"narrowing\": \"conv\"}'"
+                        " (\"compiler_options\": XLA options for that variant's compile)")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--calls", type=int, default=3, help="calls per variant per round")
     parser.add_argument("--preset", default=None,

@@ -62,6 +62,18 @@ def test_ab_compares_variants_of_one_function_on_a_tiny_model():
     assert abs(float(staged_fn(*args)[0]) - float(loss)) < 1e-5
     with pytest.raises(ValueError, match='"staged" applies to'):
         ab.build("density.forward", {"staged": True}, "digits_density", 2, (8, 8, 1))
+    # XLA options per variant reach the compiler: an unknown one is XLA's error
+    opts = {"compiler_options": {"xla_backend_optimization_level": "1"}}
+    r = ab.compare("density.forward", [small, {**small, **opts}], rounds=1, calls=1,
+                   preset="digits_density", batch=2, shape=(8, 8, 1))
+    assert r["variants"][1]["overrides"] == {**small, **opts}
+    with pytest.raises(Exception, match="xla_no_such_option"):
+        ab.compare("density.forward", [{**small, "compiler_options": {
+            "xla_no_such_option": "1"}}], rounds=1, calls=1, preset="digits_density",
+            batch=2, shape=(8, 8, 1))
+    with pytest.raises(ValueError, match='not to "staged"'):
+        ab.compare("density.train", [{**small, "staged": True, **opts}], rounds=1, calls=1,
+                   preset="digits_density", batch=2, shape=(8, 8, 1))
 
 
 def test_anchor_ratios_to_a_reference_measured_on_this_machine():
