@@ -27,14 +27,46 @@ Array = jax.Array
 # Activations: smooth (continuous derivative, needed to train through the log-det) and
 # 1-Lipschitz.
 
+@jax.custom_jvp
+def _exp_nonpositive(x: Array) -> Array:
+    """``exp(min(x, 0))``, with its derivative (``exp(x)`` for ``x < 0``, else ``0``)
+    written out, so that every order reuses the value instead of differentiating
+    ``minimum``."""
+    return jnp.exp(jnp.minimum(x, 0.0))
+
+
+@_exp_nonpositive.defjvp
+def _exp_nonpositive_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    e = _exp_nonpositive(x)
+    return e, jnp.where(x > 0, jnp.zeros_like(e), e) * dx
+
+
+@jax.custom_jvp
 def elu(x: Array) -> Array:
     """ELU, 1-Lipschitz with continuous first derivative.
 
-    Written with ``exp(min(x, 0))`` so that the value and the derivative (``exp`` on the
-    negative side) share one transcendental after XLA's CSE; ``jax.nn.elu`` uses ``expm1``,
-    whose derivative needs a separate ``exp``.
+    A ``custom_jvp``: the derivative is ``where(x > 0, 1, e)`` with ``e = exp(min(x, 0))``
+    shared with the value, and ``e``'s own derivative is written out the same way. What
+    autodiff derives from the formula instead (the transposes of ``where`` and
+    ``minimum``) adds selects against zero arrays and extra products at every order, and
+    the log-det series differentiates the branch two and three times: on the ANCHORS.md
+    density model's 5-term log-det training step XLA's count of bytes accessed fell from
+    3.0e9 to 2.5e9 and its selects from 183 to 101 with this rule. Measured on this
+    model (2-core x86 CPU, ``python -m benchmarks.ab``, interleaved rounds, both orders):
+    log-det training step 0.267-0.313 -> 0.197-0.210 s, Neumann-gradient step
+    0.146-0.153 -> 0.112-0.127 s, compile 2-3 s shorter; the loss is identical and the
+    gradients agree to float32 rounding. The step without log-det and the classifier's
+    step (first derivatives only) are unchanged.
     """
     return jnp.where(x > 0, x, jnp.exp(jnp.minimum(x, 0.0)) - 1.0)
+
+
+@elu.defjvp
+def _elu_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    e = _exp_nonpositive(x)
+    return jnp.where(x > 0, x, e - 1.0), jnp.where(x > 0, jnp.ones_like(e), e) * dx
 
 
 def softplus(x: Array) -> Array:

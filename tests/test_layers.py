@@ -97,6 +97,27 @@ def test_activations_are_one_lipschitz_and_smooth(name):
         layers.activation_fn("swish2")
 
 
+def test_elu_derivatives_of_every_order_match_the_closed_form(x64):
+    """``layers.elu`` takes its derivative from its output (a ``custom_jvp``); first to
+    third derivatives, reverse and forward mode, must still be those of ELU: ``exp(x)``
+    for ``x < 0`` (every order), ``1`` then ``0`` for ``x > 0``."""
+    x = jnp.concatenate([jnp.linspace(-6.0, -1e-3, 200), jnp.linspace(1e-3, 6.0, 200)])
+    assert x.dtype == jnp.float64
+    neg = x < 0
+    np.testing.assert_allclose(layers.elu(x), np.where(neg, np.expm1(x), x), rtol=1e-12)
+    d1 = jax.vmap(jax.grad(layers.elu))
+    d2 = jax.vmap(jax.grad(jax.grad(layers.elu)))
+    d3 = jax.vmap(jax.grad(jax.grad(jax.grad(layers.elu))))
+    e = np.exp(np.asarray(x))
+    np.testing.assert_allclose(d1(x), np.where(neg, e, 1.0), rtol=1e-14)
+    np.testing.assert_allclose(d2(x), np.where(neg, e, 0.0), rtol=1e-14)
+    np.testing.assert_allclose(d3(x), np.where(neg, e, 0.0), rtol=1e-14)
+    # Forward over reverse, as the Neumann gradient linearizes the branch's VJP.
+    _, fwd_rev = jax.jvp(d1, (x,), (jnp.ones_like(x),))
+    np.testing.assert_allclose(fwd_rev, np.where(neg, e, 0.0), rtol=1e-14)
+    assert bool(jnp.isnan(layers.elu(jnp.array([jnp.nan])))[0])
+
+
 def test_lipswish_one_lipschitz_for_many_betas():
     x = jnp.linspace(-10, 10, 4001)
     for beta in (0.1, 1.0, 5.0, 50.0):
