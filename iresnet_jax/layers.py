@@ -54,10 +54,10 @@ def elu(x: Array) -> Array:
     density model's 5-term log-det training step XLA's count of bytes accessed fell from
     3.0e9 to 2.5e9 and its selects from 183 to 101 with this rule. Measured on this
     model (2-core x86 CPU, ``python -m benchmarks.ab``, interleaved rounds, both orders):
-    log-det training step 0.267-0.313 -> 0.197-0.210 s, Neumann-gradient step
-    0.146-0.153 -> 0.112-0.127 s, compile 2-3 s shorter; the loss is identical and the
-    gradients agree to float32 rounding. The step without log-det and the classifier's
-    step (first derivatives only) are unchanged.
+    log-det training step 0.238-0.267 -> 0.190-0.223 s (16-21% faster), Neumann-gradient
+    step 0.153 -> 0.127 s, compile 2-6 s shorter (docs/speed.md, "ELU's derivative written
+    out"); the loss is identical and the gradients agree to float32 rounding. The step
+    without log-det and the classifier's step (first derivatives only) are unchanged.
     """
     return jnp.where(x > 0, x, jnp.exp(jnp.minimum(x, 0.0)) - 1.0)
 
