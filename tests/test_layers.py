@@ -98,7 +98,7 @@ def test_activations_are_one_lipschitz_and_smooth(name):
 
 
 def test_elu_derivatives_of_every_order_match_the_closed_form(x64):
-    """``layers.elu`` takes its derivative from its output (a ``custom_jvp``); first to
+    """``layers.elu`` has its derivatives written out (``custom_jvp`` rules); first to
     third derivatives, reverse and forward mode, must still be those of ELU: ``exp(x)``
     for ``x < 0`` (every order), ``1`` then ``0`` for ``x > 0``."""
     x = jnp.concatenate([jnp.linspace(-6.0, -1e-3, 200), jnp.linspace(1e-3, 6.0, 200)])
