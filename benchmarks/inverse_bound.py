@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from iresnet_jax import analysis
 from iresnet_jax import inverse as inverse_lib
 from iresnet_jax import models
 
@@ -155,7 +156,6 @@ def _inputs(preset: str, variables, model, x):
 def _with_tolerance(model, rtol: float):
     """``model`` with the tolerance inverse of ``benchmarks.anchor`` (relative step test,
     at most 100 iterations)."""
-    from iresnet_jax import analysis
     return analysis._with_inverse(model, 0.0, 100, rtol=rtol)
 
 
@@ -192,7 +192,6 @@ def run_trained(workdir: str, *, rtol: float = 1e-6, k_max: int = 12, eig: bool 
                 batch: int = 64) -> dict:
     """The bound for a model trained by ``experiments/train.py`` (its latest checkpoint),
     on the first ``batch`` test images."""
-    from iresnet_jax import analysis
     t = analysis.load_workdir(workdir)
     model = _with_tolerance(t.model, rtol)
     x = jnp.asarray(t.test_inputs(batch))
