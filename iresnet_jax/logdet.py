@@ -6,9 +6,11 @@ For ``Lip(g) < 1`` the determinant is positive (Lemma 6) and
 
 ``exact`` builds the dense per-example Jacobian (toy densities, tests). ``power_series``
 truncates Eq. (4) at ``n_terms`` and estimates each trace with Hutchinson's estimator
-``tr(A) = E[v^T A v]`` (Algorithm 2), by repeated vector-Jacobian products (``mode="vjp"``)
-or Jacobian-vector products (``mode="jvp"``). The series is unrolled with a Python loop,
-which XLA:CPU runs much faster than a ``lax.scan`` over the terms.
+``tr(A) = E[v^T A v]`` (Algorithm 2), by repeated vector-Jacobian products (``mode="vjp"``),
+Jacobian-vector products (``mode="jvp"``), or both from the two ends (``mode="split"``:
+``v^T J^k v = (v^T J^a)(J^b v)`` with ``a + b = k``, two independent chains of half the
+depth). The series is unrolled with a Python loop, which XLA:CPU runs much faster than a
+``lax.scan`` over the terms.
 
 ``bias_bound`` is Theorem 3 and ``terms_for_bias`` inverts it; ``lemma7_bounds`` gives the
 bounds of Lemma 7 for a whole network.
@@ -56,7 +58,7 @@ Array = jax.Array
 Fn = Callable[[Array], Array]
 
 PROBES = ("gaussian", "rademacher")
-MODES = ("vjp", "jvp")
+MODES = ("vjp", "jvp", "split")
 
 
 def _check_same_shape(gx: Array, x: Array, what: str = "g"):
@@ -146,10 +148,25 @@ def linear_map(g: Fn, x: Array, mode: str) -> tuple[Array, Fn]:
         apply = lambda w: vjp_fn(w)[0]
     elif mode == "jvp":
         gx, apply = jax.linearize(g, x)
+    elif mode == "split":
+        raise ValueError("mode='split' uses two maps (w -> w J and w -> J w): use "
+                         "linear_maps")
     else:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     _check_same_shape(gx, x)
     return gx, apply
+
+
+def linear_maps(g: Fn, x: Array) -> tuple[Array, Fn, Fn]:
+    """``(g(x), w -> w J, w -> J w)`` from one linearization of ``g`` at ``x``.
+
+    The vector-Jacobian product is the transpose of the linearized map, so both share one
+    forward pass and its residuals.
+    """
+    gx, jvp_fn = jax.linearize(g, x)
+    _check_same_shape(gx, x)
+    transposed = jax.linear_transpose(jvp_fn, x)
+    return gx, (lambda w: transposed(w)[0]), jvp_fn
 
 
 GRADIENTS = ("autodiff", "neumann")
@@ -158,6 +175,20 @@ GRADIENTS = ("autodiff", "neumann")
 def _check_gradient(gradient: str):
     if gradient not in GRADIENTS:
         raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
+
+
+def _check_split(mode: str, gradient: str, roulette: bool):
+    """``mode="split"`` pairs rows and columns of every term, so it needs all terms (not the
+    roulette's random suffix) and the autodiff gradient (the Neumann vector is a sum of
+    rows ``v^T J^{k-1}`` of one chain)."""
+    if mode != "split":
+        return
+    if roulette:
+        raise ValueError("mode='split' needs every series term computed; the Russian "
+                         "roulette takes mode 'vjp' or 'jvp'")
+    if gradient != "autodiff":
+        raise ValueError(f"mode='split' works with gradient='autodiff', got "
+                         f"gradient={gradient!r} (use mode 'vjp' or 'jvp' with it)")
 
 
 def _series_chain(apply: Fn, v: Array, weights: Array | None, n_terms: int, n_always: int,
@@ -216,6 +247,29 @@ def _series_chain(apply: Fn, v: Array, weights: Array | None, n_terms: int, n_al
     return acc, u
 
 
+def _split_chain(rows_fn: Fn, cols_fn: Fn, v: Array, weights: Array | None, n_terms: int,
+                 n_lead: int) -> Array:
+    """``_series_chain``'s sums for ``mode="split"``: term ``k`` is ``<v^T J^a, J^b v>``
+    with ``a = ceil(k/2)`` rows from ``rows_fn`` (``w -> w J``) and ``b = floor(k/2)``
+    columns from ``cols_fn`` (``w -> J w``). The two chains do not depend on each other,
+    and each is about half as deep as the single chain of ``"vjp"``/``"jvp"``, in the
+    forward pass and in its gradient.
+    """
+    reduce = lambda a: jnp.sum(a.reshape(a.shape[:n_lead] + (-1,)), axis=-1)
+    rows, cols = [v], [v]
+    acc = jnp.zeros(v.shape[:n_lead], v.dtype)
+    for k in range(1, n_terms + 1):
+        a, b = (k + 1) // 2, k // 2
+        while len(rows) <= a:
+            rows.append(rows_fn(rows[-1]))
+        while len(cols) <= b:
+            cols.append(cols_fn(cols[-1]))
+        sign_over_k = (1.0 if k % 2 else -1.0) / k
+        m_k = 1.0 if weights is None else weights[k - 1]
+        acc = acc + (sign_over_k * m_k) * reduce(rows[a] * cols[b])
+    return acc
+
+
 def _n_lead(n_samples: int) -> int:
     """Leading axes of the probes: ``(batch,)`` or ``(samples, batch)``."""
     return 2 if n_samples > 1 else 1
@@ -234,14 +288,27 @@ def _apply_fn(g: Fn, x: Array, mode: str, n_samples: int) -> tuple[Array, Fn]:
     return gx, (jax.vmap(apply) if n_samples > 1 else apply)
 
 
+def _autodiff_sums(g: Fn, x: Array, v: Array, weights: Array | None, *, n_terms: int,
+                   n_always: int, n_samples: int, mode: str) -> tuple[Array, Array]:
+    """``(g(x), per-example sums)`` of the series, differentiated by autodiff."""
+    if mode == "split":
+        gx, rows_fn, cols_fn = linear_maps(g, x)
+        if n_samples > 1:
+            rows_fn, cols_fn = jax.vmap(rows_fn), jax.vmap(cols_fn)
+        return gx, _split_chain(rows_fn, cols_fn, v, weights, n_terms, _n_lead(n_samples))
+    gx, apply = _apply_fn(g, x, mode, n_samples)
+    acc, _ = _series_chain(apply, v, weights, n_terms, n_always, _n_lead(n_samples),
+                           want_neumann=False)
+    return gx, acc
+
+
 def _estimate(g: Fn, x: Array, v: Array, weights: Array | None, *, n_terms: int,
               n_always: int, n_samples: int, mode: str, gradient: str
               ) -> tuple[Array, Array]:
     """``(g(x), estimate)`` for probes ``v`` and term weights; dispatches on ``gradient``."""
     if gradient == "autodiff":
-        gx, apply = _apply_fn(g, x, mode, n_samples)
-        acc, _ = _series_chain(apply, v, weights, n_terms, n_always, _n_lead(n_samples),
-                               want_neumann=False)
+        gx, acc = _autodiff_sums(g, x, v, weights, n_terms=n_terms, n_always=n_always,
+                                 n_samples=n_samples, mode=mode)
         return gx, _finish(acc, n_samples)
     if weights is None:
         weights = jnp.ones((n_terms,), x.dtype)
@@ -314,6 +381,7 @@ def power_series_with_output(g: Fn, x: Array, key: Array, *, n_terms: int,
     """
     _check_series_args(n_terms, n_samples, probe, mode)
     _check_gradient(gradient)
+    _check_split(mode, gradient, roulette=False)
     if coefficients is not None and gradient == "neumann":
         raise ValueError("custom coefficients cannot be combined with gradient='neumann'")
     v = sample_probes(key, _probe_shape(x, n_samples), probe, x.dtype)
@@ -323,9 +391,9 @@ def power_series_with_output(g: Fn, x: Array, key: Array, *, n_terms: int,
     # Express custom coefficients c_k as weights m_k = c_k k (-1)^{k+1} of Eq. (4).
     weights = [coefficients[k - 1] * k * (1.0 if k % 2 else -1.0)
                for k in range(1, n_terms + 1)]
-    gx, apply = _apply_fn(g, x, mode, n_samples)
-    acc, _ = _series_chain(apply, v, jnp.stack([jnp.asarray(w, x.dtype) for w in weights]),
-                           n_terms, n_terms, _n_lead(n_samples), want_neumann=False)
+    gx, acc = _autodiff_sums(g, x, v, jnp.stack([jnp.asarray(w, x.dtype) for w in weights]),
+                             n_terms=n_terms, n_always=n_terms, n_samples=n_samples,
+                             mode=mode)
     return gx, _finish(acc, n_samples)
 
 
@@ -342,7 +410,12 @@ def power_series(g: Fn, x: Array, key: Array, *, n_terms: int, n_samples: int = 
       n_samples: probes per example; the estimate is their mean.
       probe: ``"gaussian"`` or ``"rademacher"``.
       mode: ``"vjp"`` computes ``v^T J^k`` (reverse mode, Algorithm 2); ``"jvp"``
-        computes ``J^k v`` (forward mode). Both estimate ``sum_k (-1)^{k+1} tr(J^k)/k``.
+        computes ``J^k v`` (forward mode); ``"split"`` computes ``v^T J^a`` and ``J^b v``
+        for ``a = ceil(k/2)``, ``b = floor(k/2)`` and pairs them (autodiff gradient only).
+        All three give the same estimate of ``sum_k (-1)^{k+1} tr(J^k)/k`` for the same
+        probes (``v^T J^k v``, up to float rounding) and the same gradient; ``"split"``
+        runs two independent chains of about half the depth (measured on the
+        ANCHORS.md density model: README, "Speed against the reference").
       gradient: ``"autodiff"`` differentiates through every term (the i-ResNet paper);
         ``"neumann"`` uses the Neumann-series gradient (Residual Flows, Sec. 3.2; see the
         module docstring): the same forward value, a backward pass whose cost does not
@@ -465,6 +538,7 @@ def russian_roulette_with_output(g: Fn, x: Array, key: Array, *, n_exact: int = 
     _check_roulette_args(n_exact, max_terms, distribution, geom_p, poisson_lambda)
     _check_series_args(max_terms, n_samples, probe, mode)
     _check_gradient(gradient)
+    _check_split(mode, gradient, roulette=True)
     probe_key, draw_key = jax.random.split(key)
     v = sample_probes(probe_key, _probe_shape(x, n_samples), probe, x.dtype)
     weights, n_always = roulette_weights(draw_key, n_exact=n_exact, max_terms=max_terms,
@@ -611,7 +685,8 @@ class LogDetConfig:
         (return zeros, e.g. for classifiers).
       n_terms: terms of the truncated series (``"series"``).
       n_samples, probe, mode: Hutchinson probes per example, their law, and whether the
-        powers are ``v^T J^k`` (``"vjp"``) or ``J^k v`` (``"jvp"``).
+        powers are ``v^T J^k`` (``"vjp"``), ``J^k v`` (``"jvp"``) or both halves
+        (``"split"``: series with the autodiff gradient only).
       gradient: ``"autodiff"`` (differentiate through every term) or ``"neumann"`` (the
         Neumann-series gradient of Residual Flows: same forward value, no activations
         kept per term; reverse-mode only). Only for ``"series"`` and ``"roulette"``.
@@ -644,10 +719,12 @@ class LogDetConfig:
                              f"'roulette', got method={self.method!r}")
         if self.method == "series":
             _check_series_args(self.n_terms, self.n_samples, self.probe, self.mode)
+            _check_split(self.mode, self.gradient, roulette=False)
         if self.method == "roulette":
             _check_roulette_args(self.n_exact, self.max_terms, self.distribution,
                                  self.geom_p, self.poisson_lambda)
             _check_series_args(self.max_terms, self.n_samples, self.probe, self.mode)
+            _check_split(self.mode, self.gradient, roulette=True)
 
     @property
     def needs_rng(self) -> bool:

@@ -52,6 +52,12 @@ def test_paper_configurations_build():
     assert z.shape == (1, 8, 8, 256)   # appendix C.2: "a 8x8x256 tensor"
     assert models.build("paper_mnist_density").logdet.n_terms == 10
     assert models.build("paper_cifar10_density").logdet.n_terms == 5
+    # The density presets' series takes its powers from both ends unless told otherwise;
+    # the roulette (which cannot) keeps the single chain.
+    assert models.build("paper_mnist_density").logdet.mode == "split"
+    assert models.build("anchors_density", logdet_mode="vjp").logdet.mode == "vjp"
+    roulette = models.build("digits_density", logdet_method="roulette").logdet
+    assert (roulette.method, roulette.mode) == ("roulette", "vjp")
 
 
 def test_scale_plan_and_errors():

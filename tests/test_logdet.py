@@ -103,6 +103,67 @@ def test_vjp_and_jvp_agree_for_the_same_probe(x64):
     np.testing.assert_allclose(a, b, rtol=1e-10)  # v^T J^k v == (J^k v)^T v
 
 
+@pytest.mark.parametrize("kind,n_terms,n_samples", [("conv", 5, 1), ("conv", 4, 3),
+                                                    ("mlp", 7, 1)])
+def test_split_mode_has_the_value_and_gradient_of_vjp_mode(x64, kind, n_terms, n_samples):
+    """``mode="split"`` pairs ``v^T J^a`` with ``J^b v``: for the same probes its estimate
+    is ``v^T J^k v`` term by term, so value and gradient (parameters and input) must equal
+    those of the single chain of vector-Jacobian products in float64."""
+    shape = (3, 5) if kind == "mlp" else (2, 4, 4, 2)
+    x = jax.random.normal(jax.random.key(31), shape, jnp.float64)
+    if kind == "mlp":
+        branch = blocks.MLPBranch(hidden=(8, 8), coeff=0.9, leading_activation=True)
+    else:
+        branch = blocks.ConvBranch(hidden=6, coeff=0.9)
+    variables = branch.init(jax.random.key(32), x)
+    weights = jnp.linspace(1.0, -2.0, x.shape[0])
+    key = jax.random.key(33)
+
+    def loss(params, x, mode):
+        g = branch.apply({**variables, "params": params}, x, method="function")
+        return jnp.sum(weights * logdet.power_series(g, x, key, n_terms=n_terms,
+                                                     n_samples=n_samples, mode=mode))
+
+    grads = {m: jax.jit(jax.value_and_grad(lambda p, x: loss(p, x, m), argnums=(0, 1)))(
+        variables["params"], x) for m in ("vjp", "split")}
+    (value_vjp, grad_vjp), (value_split, grad_split) = grads["vjp"], grads["split"]
+    assert abs(float(value_vjp)) > 1e-3
+    np.testing.assert_allclose(value_split, value_vjp, rtol=1e-11)
+    for a, b in zip(jax.tree.leaves(grad_split), jax.tree.leaves(grad_vjp)):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12 * float(jnp.max(jnp.abs(b))))
+    # Custom coefficients go through the same pairing.
+    g = branch.apply(variables, x, method="function")
+    coefficients = [0.3, -1.2, 0.7, 2.0, -0.4, 0.1, 1.5][:n_terms]
+    est = {m: logdet.power_series_with_output(g, x, key, n_terms=n_terms,
+                                              n_samples=n_samples, mode=m,
+                                              coefficients=coefficients)
+           for m in ("vjp", "split")}
+    np.testing.assert_allclose(est["split"][0], est["vjp"][0], rtol=1e-13)
+    np.testing.assert_allclose(est["split"][1], est["vjp"][1], rtol=1e-11)
+
+
+def test_split_mode_rejects_what_it_cannot_compute():
+    g = lambda x: 0.5 * jnp.tanh(x)
+    x = jnp.ones((2, 3))
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match="split.*gradient='autodiff'"):
+        logdet.power_series(g, x, key, n_terms=4, mode="split", gradient="neumann")
+    with pytest.raises(ValueError, match="split.*roulette"):
+        logdet.russian_roulette(g, x, key, mode="split")
+    with pytest.raises(ValueError, match="split.*gradient='autodiff'"):
+        logdet.LogDetConfig("series", mode="split", gradient="neumann")
+    with pytest.raises(ValueError, match="split.*roulette"):
+        logdet.LogDetConfig("roulette", mode="split")
+    with pytest.raises(ValueError, match="linear_maps"):
+        logdet.linear_map(g, x, "split")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        logdet.power_series(g, x, key, n_terms=4, mode="both")
+    # The estimator itself works through the config, as the blocks call it.
+    gx, ld = logdet.LogDetConfig("series", n_terms=4, mode="split")(g, x, key)
+    np.testing.assert_allclose(ld, logdet.power_series(g, x, key, n_terms=4), rtol=1e-5)
+    np.testing.assert_allclose(gx, g(x))
+
+
 @pytest.mark.parametrize("coeff", [0.5, 0.9])
 def test_series_error_within_theorem3_bound(x64, coeff):
     x = jax.random.normal(jax.random.key(18), (4, 3), jnp.float64)
