@@ -15,6 +15,12 @@ Variants are keyword overrides of the model preset, as JSON objects::
     python -m benchmarks.ab --key density.train_logdet '{"remat": true}' '{"remat": false}'
     python -m benchmarks.ab --key density.train_logdet '{}' '{"staged": true}'
 
+``"logdet_mode"`` (density training keys) sets the series' ``mode`` (``"split"``, the
+default of ``benchmarks.anchor``'s autodiff step; ``"vjp"``, Algorithm 2's single chain;
+``"jvp"``)::
+
+    python -m benchmarks.ab --key density.train_logdet '{"logdet_mode": "vjp"}' '{}'
+
 ``"staged": true`` (density training keys) times ``train.staged.StagedDensityGrad`` instead
 of the jitted gradient (``"staged": "dots"`` or ``"nothing"``: with that ``save``); its
 compile seconds are its first call's minus its second call's.
@@ -38,6 +44,7 @@ asserted.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -72,9 +79,15 @@ def build(key: str, overrides: dict, preset: str | None, batch: int,
         raise ValueError(f"unknown key {key!r}; known: {KEYS}")
     overrides = dict(overrides)
     staged_grad = overrides.pop("staged", False)
+    logdet_mode = overrides.pop("logdet_mode", None)
     kind, what = key.split(".", 1)
     if staged_grad and key not in _LOGDET:
         raise ValueError(f'"staged" applies to {tuple(_LOGDET)}, not {key!r}')
+    if logdet_mode is not None and key not in _LOGDET:
+        raise ValueError(f'"logdet_mode" applies to {tuple(_LOGDET)}, not {key!r}')
+    cfg = _LOGDET.get(key)
+    if logdet_mode is not None:
+        cfg = dataclasses.replace(cfg, mode=logdet_mode)
     preset = preset or f"anchors_{kind}"
     _, x, labels = anchor._data(batch, shape)
     if kind == "density":
@@ -92,11 +105,11 @@ def build(key: str, overrides: dict, preset: str | None, batch: int,
         state = {k: v for k, v in variables.items() if k != "params"}
         if staged_grad:
             save = staged_grad if isinstance(staged_grad, str) else "all"
-            fn = staged.StagedDensityGrad(model.clone(logdet=_LOGDET[key]),
+            fn = staged.StagedDensityGrad(model.clone(logdet=cfg),
                                           n_bins=anchor.N_BINS, dim=int(np.prod(shape)),
                                           save=save)
             return fn, (variables["params"], state, x, jax.random.key(2))
-        loss = anchor.density_loss(model.clone(logdet=_LOGDET[key]), int(np.prod(shape)))
+        loss = anchor.density_loss(model.clone(logdet=cfg), int(np.prod(shape)))
         return jax.value_and_grad(loss, has_aux=True), (variables["params"], state, x)
 
     model = models.build(preset, **overrides)
