@@ -192,7 +192,8 @@ def _check_split(mode: str, gradient: str, roulette: bool):
 
 
 def _series_chain(apply: Fn, v: Array, weights: Array | None, n_terms: int, n_always: int,
-                  n_lead: int, want_neumann: bool) -> tuple[Array, Array | None]:
+                  n_lead: int, want_neumann: bool, dual: Array | None = None
+                  ) -> tuple[Array, Array | None]:
     """The shared loop of Algorithm 2.
 
     With ``w_0 = v`` and ``w_k = apply(w_{k-1})`` (``v^T J^k`` or ``J^k v``), returns the
@@ -200,6 +201,11 @@ def _series_chain(apply: Fn, v: Array, weights: Array | None, n_terms: int, n_al
     ``(batch,)`` or ``(samples, batch)``) and, when ``want_neumann``, the Neumann vector
     ``u = sum_k (-1)^{k+1} m_k w_{k-1}``. ``m_k`` is ``weights[k-1]`` (1 when ``weights`` is
     None).
+
+    ``dual``, when given, is the first product from the other side (``J v`` when the chain
+    is ``v^T J^k``, ``J^T v`` when it is ``J^k v``): term ``k`` is then ``<w_{k-1}, dual>``
+    (the same ``v^T J^k v``) and the chain stops one product earlier. The Neumann gradient
+    computes ``dual`` anyway for its backward pass.
 
     The first ``n_always`` terms are unrolled in Python (on XLA:CPU much faster than a
     loop over conv vjps). The remaining ones (the roulette's random terms, whose weights
@@ -219,28 +225,39 @@ def _series_chain(apply: Fn, v: Array, weights: Array | None, n_terms: int, n_al
     def term(w, acc, u, m_k, sign_over_k, sign, compute):
         if want_neumann:
             u = u + (sign * m_k) * w
-        w = compute(w)
-        acc = acc + (sign_over_k * m_k) * reduce(w * v)
+        if dual is None:
+            w = compute(w)
+            acc = acc + (sign_over_k * m_k) * reduce(w * v)
+        else:
+            acc = acc + (sign_over_k * m_k) * reduce(w * dual)
+            w = compute(w)
         return w, acc, u
 
     for k in range(1, min(n_always, n_terms) + 1):
         sign = 1.0 if k % 2 else -1.0
         m_k = 1.0 if weights is None else weights[k - 1]
-        w, acc, u = term(w, acc, u, m_k, sign / k, sign, apply)
+        # With ``dual`` the last term needs no further product.
+        compute = apply if (dual is None or k < n_terms) else (lambda w: w)
+        w, acc, u = term(w, acc, u, m_k, sign / k, sign, compute)
     if n_terms > n_always:
         ks = np.arange(n_always + 1, n_terms + 1)
         signs = np.where(ks % 2 == 1, 1.0, -1.0)
-        maybe_apply = lambda w, m_k: lax.cond(m_k != 0, apply, jnp.zeros_like, w)
+        maybe_apply = lambda w, gate: lax.cond(gate != 0, apply, jnp.zeros_like, w)
+        # The product of a term is needed when its own weight (without ``dual``) or the
+        # next term's weight (with it) is nonzero.
+        later = weights[n_always:]
+        gates = later if dual is None else jnp.concatenate([later[1:], jnp.zeros_like(
+            later[:1])])
 
         def body(carry, inputs):
             w, acc, u = carry
-            m_k, sign_over_k, sign = inputs
+            m_k, gate, sign_over_k, sign = inputs
             w, acc, u = term(w, acc, u, m_k, sign_over_k, sign,
-                             lambda w: maybe_apply(w, m_k))
+                             lambda w: maybe_apply(w, gate))
             return (w, acc, u), None
 
         u_carry = u if want_neumann else jnp.zeros((), v.dtype)
-        inputs = (weights[n_always:], jnp.asarray(signs / ks, v.dtype),
+        inputs = (later, gates, jnp.asarray(signs / ks, v.dtype),
                   jnp.asarray(signs, v.dtype))
         (w, acc, u_carry), _ = lax.scan(body, (w, acc, u_carry), inputs)
         u = u_carry if want_neumann else None
@@ -348,10 +365,12 @@ def _neumann_linearized(g, mode, n_samples, v):
 
 
 def _neumann_fwd(g, n_terms, n_always, n_samples, mode, x, v, weights, *consts):
-    (gx, _), pullback = jax.vjp(_neumann_linearized(g, mode, n_samples, v), x, *consts)
+    (gx, pv), pullback = jax.vjp(_neumann_linearized(g, mode, n_samples, v), x, *consts)
     _, apply = _apply_fn(lambda z: g(z, *consts), x, mode, n_samples)
+    # The linearization's ``P v`` is the other side's first product: with it as ``dual``
+    # the chain needs one product fewer (term k is <w_{k-1}, P v> = v^T J^k v).
     acc, u = _series_chain(apply, v, weights, n_terms, n_always, _n_lead(n_samples),
-                           want_neumann=True)
+                           want_neumann=True, dual=pv)
     return (gx, _finish(acc, n_samples)), (pullback, u, v, weights)
 
 

@@ -205,13 +205,20 @@ def test_neumann_gradient_targets_the_truncated_series(x64):
         _assert_within(sample, exact)
 
 
-def test_neumann_forward_value_is_the_series_estimate(x64):
+@pytest.mark.parametrize("mode,n_samples", [("vjp", 1), ("jvp", 2)])
+def test_neumann_forward_value_is_the_series_estimate(x64, mode, n_samples):
+    """The Neumann gradient's forward pass forms term k as <w_{k-1}, P v> from its
+    linearization's P v (one product fewer than the plain chain): the same value."""
     x = _input("mlp")
     branch, variables = _branch("mlp", 0.9, x)
     g = branch.apply(variables, x, method="function")
     key = jax.random.key(11)
-    for fn, kw in ((logdet.power_series, dict(n_terms=6)),
-                   (logdet.russian_roulette, dict(max_terms=10))):
+    for fn, kw in ((logdet.power_series, dict(n_terms=6, mode=mode, n_samples=n_samples)),
+                   (logdet.power_series, dict(n_terms=1, mode=mode, n_samples=n_samples)),
+                   (logdet.russian_roulette, dict(max_terms=10, mode=mode,
+                                                  n_samples=n_samples)),
+                   (logdet.russian_roulette, dict(max_terms=12, n_exact=0, mode=mode,
+                                                  distribution="poisson"))):
         plain = fn(g, x, key, **kw)
         neumann = fn(g, x, key, gradient="neumann", **kw)
         np.testing.assert_allclose(neumann, plain, rtol=1e-12)
