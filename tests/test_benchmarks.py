@@ -62,6 +62,16 @@ def test_ab_compares_variants_of_one_function_on_a_tiny_model():
     assert abs(float(staged_fn(*args)[0]) - float(loss)) < 1e-5
     with pytest.raises(ValueError, match='"staged" applies to'):
         ab.build("density.forward", {"staged": True}, "digits_density", 2, (8, 8, 1))
+    # the series' mode as a variant: the split default and the single chain, same loss
+    fns = [ab.build("density.train_logdet", {**small, **m}, "digits_density", 2, (8, 8, 1))
+           for m in ({}, {"logdet_mode": "vjp"})]
+    losses = [float(jax.jit(fn)(*args)[0][0]) for fn, args in fns]
+    assert abs(losses[0] - losses[1]) < 1e-5 * abs(losses[1])
+    with pytest.raises(ValueError, match='"logdet_mode" applies to'):
+        ab.build("density.forward", {"logdet_mode": "vjp"}, "digits_density", 2, (8, 8, 1))
+    with pytest.raises(ValueError, match="split.*gradient='autodiff'"):
+        ab.build("density.train_logdet_neumann", {"logdet_mode": "split"},
+                 "digits_density", 2, (8, 8, 1))
     # XLA options per variant reach the compiler: an unknown one is XLA's error
     opts = {"compiler_options": {"xla_backend_optimization_level": "1"}}
     r = ab.compare("density.forward", [small, {**small, **opts}], rounds=1, calls=1,
@@ -74,6 +84,17 @@ def test_ab_compares_variants_of_one_function_on_a_tiny_model():
     with pytest.raises(ValueError, match='not to "staged"'):
         ab.compare("density.train", [{**small, "staged": True, **opts}], rounds=1, calls=1,
                    preset="digits_density", batch=2, shape=(8, 8, 1))
+
+
+def test_anchor_flop_rate_is_taken_against_the_higher_matmul_rate():
+    from benchmarks import anchor
+    results = {"density.train_logdet.flops": 9e9, "density.train_logdet.gflops_per_s": 45.0,
+               "matmul_gflops": 150.0, "matmul_gflops_at_end": 180.0}
+    anchor.summarize(results)
+    assert results["density.train_logdet.fraction_of_matmul_rate"] == 45.0 / 180.0
+    del results["matmul_gflops_at_end"]
+    anchor.summarize(results)
+    assert results["density.train_logdet.fraction_of_matmul_rate"] == 45.0 / 150.0
 
 
 def test_anchor_ratios_to_a_reference_measured_on_this_machine():
