@@ -58,6 +58,12 @@ def test_paper_configurations_build():
     assert models.build("anchors_density", logdet_mode="vjp").logdet.mode == "vjp"
     roulette = models.build("digits_density", logdet_method="roulette").logdet
     assert (roulette.method, roulette.mode) == ("roulette", "vjp")
+    neumann = models.build("digits_density", logdet_gradient="neumann").logdet
+    assert (neumann.method, neumann.gradient, neumann.mode) == ("series", "neumann", "vjp")
+    assert models.build("digits_density", logdet_mode="auto").logdet.mode == "split"
+    assert models.build("digits_classifier").extractor.logdet.method == "none"
+    with pytest.raises(ValueError, match="split.*roulette"):
+        models.build("digits_density", logdet_method="roulette", logdet_mode="split")
 
 
 def test_scale_plan_and_errors():

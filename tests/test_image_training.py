@@ -188,3 +188,25 @@ def test_staged_density_training_runs_and_resumes(tmp_path):
     with pytest.raises(ValueError, match="runs on one device, got a mesh of 8"):
         experiment.train_and_evaluate(_config("density", num_steps=1, staged=True),
                                       str(tmp_path / "eight"))
+
+
+def test_density_config_selects_the_training_estimator(tmp_path):
+    """``--config.model.logdet_method`` / ``logdet_gradient`` / ``logdet_mode`` reach the
+    model (``"auto"``: the series from both ends when it can); the Neumann gradient
+    trains; the bits/dim evaluation keeps the truncated series whatever trained."""
+    cfg = _config("density")
+    train_data, _ = experiment.load_data(cfg)
+    expected = {(): ("series", "autodiff", "split"),
+                (("logdet_gradient", "neumann"),): ("series", "neumann", "vjp"),
+                (("logdet_method", "roulette"),): ("roulette", "autodiff", "vjp"),
+                (("logdet_mode", "jvp"),): ("series", "autodiff", "jvp")}
+    for overrides, want in expected.items():
+        c = _config("density")
+        c.model.update(dict(overrides))
+        ld = experiment.build_model(c, train_data).logdet
+        assert (ld.method, ld.gradient, ld.mode) == want
+    c = _config("density", num_steps=1)
+    c.model.logdet_gradient = "neumann"
+    result = experiment.train_and_evaluate(c, str(tmp_path / "neumann"),
+                                           devices=jax.devices()[:1], print_fn=lambda s: None)
+    assert result["final_step"] == 1 and np.isfinite(result["eval"]["bits_per_dim"])

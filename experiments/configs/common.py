@@ -66,6 +66,12 @@ def density(dataset: str, preset: str) -> ml_collections.ConfigDict:
     c.warmup_epochs = 1.0
     c.normalization = "none"
     c.augment = ml_collections.ConfigDict(dict(shift=0, flip=False, pad_mode="constant"))
+    # The training log-det (models.build): "series" (n_terms, the paper) or "roulette"
+    # (Residual Flows); gradient "autodiff" (the paper) or "neumann" (Residual Flows, about
+    # half the step); mode "auto" computes the series' powers from both ends when it can.
+    c.model.logdet_method = "series"
+    c.model.logdet_gradient = "autodiff"
+    c.model.logdet_mode = "auto"
     # True: the training step's gradient block by block (train.staged), one compiled
     # program per distinct block: faster to compile, each step slower (README).
     c.staged = False

@@ -2,10 +2,11 @@
 
 ``build(preset="paper_cifar10_density")`` or ``build(kind="density", input_shape=...,
 ...)``; keyword arguments override a preset's. Convenience keys ``logdet_method``,
-``n_terms``, ``n_samples``, ``probe`` and ``logdet_mode`` build the ``LogDetConfig``; a
-density model's truncated series defaults to ``logdet_mode="split"`` (the same estimate
-and gradient as Algorithm 2's chain of vector-Jacobian products, from two chains of half
-the depth: 5-11% faster training steps of the ANCHORS.md model on a 2-core CPU).
+``n_terms``, ``n_samples``, ``probe``, ``logdet_mode`` and ``logdet_gradient`` build the
+``LogDetConfig``. ``logdet_mode="auto"`` (the default) is ``"split"`` for a density model's
+truncated series with the autodiff gradient (the same estimate and gradient as Algorithm
+2's chain of vector-Jacobian products, from two chains of half the depth: 5-11% faster
+training steps of the ANCHORS.md model on a 2-core CPU) and ``"vjp"`` otherwise.
 
 Paper configurations (appendix C): the MNIST and CIFAR10 density models (3 scale-blocks of
 32 blocks, 32 or 512 filters, 10 or 5 series terms, one Gaussian probe) in the official
@@ -69,7 +70,7 @@ PRESETS["digits_vanilla"] = dict(PRESETS["digits_classifier"], coeff=None)
 PRESETS["digits_batchnorm"] = dict(PRESETS["digits_classifier"], coeff=None, norm="batchnorm")
 
 _LOGDET_KEYS = {"logdet_method": "method", "n_terms": "n_terms", "n_samples": "n_samples",
-                "probe": "probe", "logdet_mode": "mode"}
+                "probe": "probe", "logdet_mode": "mode", "logdet_gradient": "gradient"}
 _HEAD_KEYS = ("num_classes", "head_activation", "feature_prior", "bn_momentum")
 
 
@@ -107,12 +108,13 @@ def build(preset: str | None = None, **overrides) -> nn.Module:
     for key, field in _LOGDET_KEYS.items():
         if key in kwargs:
             ld[field] = kwargs.pop(key)
+    ld.setdefault("method", "series" if kind == "density" else "none")
+    if ld.get("mode", "auto") == "auto":
+        split = (kind == "density" and ld["method"] == "series"
+                 and ld.get("gradient", "autodiff") == "autodiff")
+        ld["mode"] = "split" if split else "vjp"
     if kind == "density":
-        ld.setdefault("method", "series")
-        if ld["method"] == "series":
-            ld.setdefault("mode", "split")
         return MultiscaleDensity(logdet=logdet_lib.LogDetConfig(**ld), **kwargs)
-    ld.setdefault("method", "none")
     head = {k: kwargs.pop(k) for k in _HEAD_KEYS if k in kwargs}
     extractor = IResNetFeatures(logdet=logdet_lib.LogDetConfig(**ld), **kwargs)
     return IResNetClassifier(extractor=extractor, **head)

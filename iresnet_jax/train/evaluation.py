@@ -286,8 +286,11 @@ def evaluate_workdir(workdir: str, *, bias_tol: float = 1e-4, se_tol: float = 1e
                  f"{max(b.lipschitz for b in bounds):.4f}] (c^3 = {coeff ** 3:.4f}; conv "
                  f"norms: {how_counts}); {n_terms} series terms give a bias bound of "
                  f"{bias:.2e} bits/dim")
+        # Evaluation uses the truncated series whatever the training estimator was: the
+        # bias bound above is for n_terms terms.
         eval_model = experiment.build_model(config, r["train_data"], n_terms=n_terms,
-                                            n_samples=n_samples)
+                                            n_samples=n_samples, logdet_method="series",
+                                            logdet_gradient="autodiff", logdet_mode="auto")
         eval_step = jax.jit(steps.make_eval_step(eval_model, "density", n_bins=test.n_bins,
                                                  dim=test.dim))
 
