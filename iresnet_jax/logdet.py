@@ -191,6 +191,11 @@ def _check_split(mode: str, gradient: str, roulette: bool):
                          f"gradient={gradient!r} (use mode 'vjp' or 'jvp' with it)")
 
 
+def _per_example_sum(a: Array, n_lead: int) -> Array:
+    """Sum over all but the ``n_lead`` leading axes (``(batch,)`` or ``(samples, batch)``)."""
+    return jnp.sum(a.reshape(a.shape[:n_lead] + (-1,)), axis=-1)
+
+
 def _series_chain(apply: Fn, v: Array, weights: Array | None, n_terms: int, n_always: int,
                   n_lead: int, want_neumann: bool, dual: Array | None = None
                   ) -> tuple[Array, Array | None]:
@@ -217,7 +222,7 @@ def _series_chain(apply: Fn, v: Array, weights: Array | None, n_terms: int, n_al
     accumulator would let XLA fuse the sum over all terms into one fusion at the end and
     keep every ``w_k`` alive.
     """
-    reduce = lambda a: jnp.sum(a.reshape(a.shape[:n_lead] + (-1,)), axis=-1)
+    reduce = functools.partial(_per_example_sum, n_lead=n_lead)
     w = v
     acc = jnp.zeros(v.shape[:n_lead], v.dtype)
     u = jnp.zeros_like(v) if want_neumann else None
@@ -272,7 +277,7 @@ def _split_chain(rows_fn: Fn, cols_fn: Fn, v: Array, weights: Array | None, n_te
     and each is about half as deep as the single chain of ``"vjp"``/``"jvp"``, in the
     forward pass and in its gradient.
     """
-    reduce = lambda a: jnp.sum(a.reshape(a.shape[:n_lead] + (-1,)), axis=-1)
+    reduce = functools.partial(_per_example_sum, n_lead=n_lead)
     rows, cols = [v], [v]
     acc = jnp.zeros(v.shape[:n_lead], v.dtype)
     for k in range(1, n_terms + 1):
