@@ -59,7 +59,7 @@ def elu(x: Array) -> Array:
     out"); the loss is identical and the gradients agree to float32 rounding. The step
     without log-det and the classifier's step (first derivatives only) are unchanged.
     """
-    return jnp.where(x > 0, x, jnp.exp(jnp.minimum(x, 0.0)) - 1.0)
+    return jnp.where(x > 0, x, _exp_nonpositive(x) - 1.0)
 
 
 @elu.defjvp
