@@ -145,6 +145,38 @@ def test_wgrad_batched_kernel_gradients_equal_the_sum_of_separate_ones():
         assert r[name]["compile"] > 0 and r[name]["median"] > 0
 
 
+def test_gemm_ceiling_reads_every_product_with_the_flops_xla_counts():
+    from jax import lax
+    from benchmarks import gemm_ceiling
+
+    def f(x, k, a, b, c, d):
+        y = lax.conv_general_dilated(x, k, (1, 1), "VALID",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y, a @ b, jax.numpy.einsum("bij,bjk->bik", c, d)
+
+    shapes = ((2, 6, 6, 3), (3, 3, 3, 5), (4, 7), (7, 2), (3, 4, 5), (3, 5, 6))
+    args = [np.ones(s, np.float32) for s in shapes]
+    compiled = jax.jit(f).lower(*args).compile()
+    found = gemm_ceiling.products(compiled.as_text())
+    # the conv: M = 2 * 4 * 4 output pixels, K = 3 * 3 taps * 3 channels, N = 5
+    assert sorted(found) == [(1, 4, 7, 2), (1, 32, 27, 5), (3, 4, 5, 6)]
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    assert sum(2 * b * m * k * n for b, m, k, n in found) == cost["flops"]
+
+
+def test_gemm_ceiling_times_a_tiny_model_step():
+    from benchmarks import gemm_ceiling
+    r = gemm_ceiling.ceiling("density.train_logdet", calls=1, step_calls=1,
+                             overrides={"blocks_per_scale": [1, 1, 1], "hidden": 4},
+                             preset="digits_density", batch=2, shape=(8, 8, 1))
+    assert r["products"] and all(g["count"] >= 1 and g["best_seconds"] > 0
+                                 for g in r["products"])
+    assert r["product_flops"] == pytest.approx(sum(
+        g["count"] * g["gflop_each"] * 1e9 for g in r["products"]))
+    assert r["ceiling_seconds"] > 0 and r["step_seconds"] > 0 and r["matmul_gflops"] > 0
+
+
 def test_krylov_bound_has_its_known_values():
     from benchmarks.inverse_bound import iterations_to, krylov_errors, plain_errors
     # J = rho * cyclic shift: eigenvalues fill a circle, where (-J)^k is nearly optimal;
