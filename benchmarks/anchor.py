@@ -23,7 +23,13 @@ inverses, the max abs reconstruction error (``*.recon_error``) of:
 * ``density.inverse_tol``: the inverse to a max reconstruction error of 1e-6 with a
   convergence test, the faster of the plain iteration and Anderson acceleration (both
   reported as ``*.inverse_tol_plain`` / ``*.inverse_tol_anderson``);
-* the classifier's ``forward``, ``train`` (cross-entropy), ``inverse20``, ``inverse_tol``.
+* the classifier's ``forward``, ``train`` (cross-entropy), ``inverse20``, ``inverse_tol``;
+* ``density.train_logdet_two_processes``, ``classifier.train_two_processes``: the same
+  gradients as two processes of 32 examples each, one per core, their ``(loss, gradient)``
+  averaged through shared memory (``benchmarks.processes``; skipped with fewer than two
+  CPUs): XLA:CPU runs these models' small products faster on one thread each than split
+  over two (``benchmarks.gemm_ceiling``). ``*.compile`` is one rank's program compiled
+  with the whole machine, which the ranks then load from a compilation cache.
 
 What a "training step" is here: exactly what the reference's "forward + backward" times:
 the training forward (``train=True``: 5 power iterations per spectrally normalized conv,
@@ -81,6 +87,7 @@ from iresnet_jax import logdet as logdet_lib
 from iresnet_jax import models
 from iresnet_jax import runtime
 from iresnet_jax.models import density as density_lib
+from iresnet_jax.train import multiprocess
 from iresnet_jax.train import staged
 from iresnet_jax.train import steps
 from iresnet_jax.train.state import TrainState
@@ -110,6 +117,8 @@ GOALS = {
     "density.train_logdet_neumann": 0.4,
     "density.train_logdet_staged": 0.6,
     "density.train_logdet_neumann_staged": 0.4,
+    "density.train_logdet_two_processes": 0.6,
+    "classifier.train_two_processes": 1.0,
     "density.train": 0.8,
     "density.forward": 0.4,
     "classifier.train": 1.0,
@@ -218,6 +227,22 @@ def _tol_variants(results, prefix, build, variables, z, x, repeats, warmup, want
         results[f"{name}.{field}"] = results[f"{name}_{best}.{field}"]
 
 
+def _time_processes(results, key, repeats, warmup):
+    """``{key}_two_processes``: ``key``'s gradient as two pinned processes
+    (``benchmarks.processes``), where this process may use two CPUs."""
+    from benchmarks import processes   # imports benchmarks.ab, which imports this module
+
+    name = f"{key}_two_processes"
+    if len(multiprocess.available_cpus()) < 2:
+        print(f"{name}: skipped (fewer than two CPUs)", flush=True)
+        return
+    r = processes.time_data_parallel(key, 2, repeats=repeats, warmup=warmup)
+    extra = {"loss": r["loss"], "load_seconds": max(r["load_seconds"])}
+    if r.get("flops"):
+        extra.update(flops=r["flops"], gflops_per_s=r["gflops_per_s"])
+    _record(results, name, r, extra)
+
+
 def density_benchmarks(results, repeats, warmup, wanted, with_step=False):
     pixels, x, _ = _data()
 
@@ -258,6 +283,9 @@ def density_benchmarks(results, repeats, warmup, wanted, with_step=False):
                             repeats=repeats, warmup=warmup)
         _record(results, name, r, {"loss_bits_per_dim": float(r["output"][0]),
                                    "first_call": r["first_call"]})
+
+    if wanted("density.train_logdet_two_processes"):
+        _time_processes(results, "density.train_logdet", repeats, warmup)
 
     if with_step and wanted("density.train_logdet_step"):
         model = base.clone(logdet=SERIES)
@@ -306,6 +334,9 @@ def classifier_benchmarks(results, repeats, warmup, wanted):
             extra = {"flops": r["flops"], "gflops_per_s": r["flops"] / r["median"] / 1e9}
         _record(results, "classifier.train", r, extra)
 
+    if wanted("classifier.train_two_processes"):
+        _time_processes(results, "classifier.train", repeats, warmup)
+
     if any(wanted(f"classifier.{k}") for k in ("inverse20", "inverse_tol")):
         z = jax.jit(lambda v, x: base.apply(v, x, method="features"))(variables, x)
         if wanted("classifier.inverse20"):
@@ -319,8 +350,8 @@ def classifier_benchmarks(results, repeats, warmup, wanted):
 def _reference_for(name: str, reference: dict) -> float | None:
     """The reference time a goal key is compared with (``inverse_tol``: their
     ``inverse20``; the Neumann step: their 5-term log-det step; a staged step: the
-    same step's)."""
-    name = name.removesuffix("_staged")
+    same step's, as for two processes)."""
+    name = name.removesuffix("_staged").removesuffix("_two_processes")
     if name.endswith("inverse_tol"):
         name = name.replace("inverse_tol", "inverse20")
     elif name.endswith("neumann"):
@@ -371,14 +402,14 @@ def summarize(results):
             if name in results:
                 results[f"logdet_overhead.{name.split('.')[1]}"] = (results[name]
                                                                     / results["density.train"])
-    flops = results.get("density.train_logdet.flops")
     rates = [results[k] for k in ("matmul_gflops", "matmul_gflops_at_end") if results.get(k)]
-    if flops and rates:
-        # Against the higher of the run's two matmul measurements (start and end): the
-        # matmul rate moves by up to 20% within a run here, and the lower one would
-        # flatter the fraction.
-        results["density.train_logdet.fraction_of_matmul_rate"] = (
-            results["density.train_logdet.gflops_per_s"] / max(rates))
+    for name in ("density.train_logdet", "density.train_logdet_two_processes"):
+        if results.get(f"{name}.flops") and rates:
+            # Against the higher of the run's two matmul measurements (start and end): the
+            # matmul rate moves by up to 20% within a run here, and the lower one would
+            # flatter the fraction.
+            results[f"{name}.fraction_of_matmul_rate"] = (
+                results[f"{name}.gflops_per_s"] / max(rates))
     compiles = [v for k, v in results.items() if k.endswith(".compile")]
     if compiles:
         results["max_compile_seconds"] = max(compiles)

@@ -177,6 +177,28 @@ def test_gemm_ceiling_times_a_tiny_model_step():
     assert r["ceiling_seconds"] > 0 and r["step_seconds"] > 0 and r["matmul_gflops"] > 0
 
 
+@pytest.mark.skipif(len(__import__("os").sched_getaffinity(0)) < 2,
+                    reason="two processes need two CPUs")
+def test_two_process_gradient_is_the_full_batch_gradient():
+    from jax.flatten_util import ravel_pytree
+    from benchmarks import ab, processes
+    tiny = {"blocks_per_scale": [1, 1, 1], "hidden": 4}
+    r = processes.time_data_parallel("density.train", 2, repeats=2, warmup=1,
+                                     overrides=tiny, preset="digits_density", batch=4,
+                                     shape=(8, 8, 1))
+    fn, args = ab.build("density.train", tiny, "digits_density", 4, (8, 8, 1))
+    (loss, _), grads = fn(*args)
+    full = np.asarray(ravel_pytree((loss, grads))[0])
+    np.testing.assert_allclose(r["mean_vector"], full, rtol=2e-5, atol=1e-6)
+    assert r["loss"] == pytest.approx(float(loss), rel=1e-6)
+    assert r["median"] > 0 and r["compile"] > 0 and len(r["load_seconds"]) == 2
+    assert r["flops"] > 0
+    with pytest.raises(ValueError, match="training key"):
+        processes.time_data_parallel("density.forward", 2)
+    with pytest.raises(ValueError, match="dividing the batch"):
+        processes.time_data_parallel("density.train", 3, batch=4)
+
+
 def test_krylov_bound_has_its_known_values():
     from benchmarks.inverse_bound import iterations_to, krylov_errors, plain_errors
     # J = rho * cyclic shift: eigenvalues fill a circle, where (-J)^k is nearly optimal;
