@@ -32,14 +32,13 @@ import math
 import re
 import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import ab
-from benchmarks.timing import matmul_gflops
+from benchmarks.timing import matmul_gflops, timed_calls, xla_flops
 from iresnet_jax import runtime
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\w+)\[([\d,]*)\]\S* (\w[\w\-]*)\((.*)$")
@@ -99,14 +98,10 @@ def products(hlo_text: str) -> list[tuple[int, int, int, int]]:
 
 
 def _median_call(fn, args, calls: int) -> float:
+    """Median seconds of ``calls`` calls of ``jax.jit(fn)`` after one warm-up call."""
     compiled = jax.jit(fn).lower(*args).compile()
     jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(timed_calls(lambda: compiled(*args), calls)[0])
 
 
 def _best_seconds(batch: int, m: int, k: int, n: int, calls: int,
@@ -131,17 +126,12 @@ def ceiling(key: str, *, calls: int = 20, step_calls: int = 10, min_flops: float
     otherwise, as in ``benchmarks.ab.build``)."""
     fn, args = ab.build(key, overrides or {}, preset, batch, shape)
     compiled = jax.jit(fn).lower(*args).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    xla_flops = float(cost["flops"])
+    step_flops = xla_flops(compiled)
+    if not step_flops:
+        raise ValueError(f"XLA gives no FLOP count for {key!r} on this backend")
     counts = collections.Counter(products(compiled.as_text()))
     jax.block_until_ready(compiled(*args))
-    step = []
-    for _ in range(step_calls):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        step.append(time.perf_counter() - t0)
-    step_s = statistics.median(step)
+    step_s = statistics.median(timed_calls(lambda: compiled(*args), step_calls)[0])
     matmul = matmul_gflops()
     # What a jitted call costs when it does nothing (dispatch and synchronization).
     tiny = jnp.zeros((2, 2), jnp.float32)
@@ -159,17 +149,17 @@ def ceiling(key: str, *, calls: int = 20, step_calls: int = 10, min_flops: float
                        "gflop_each": flops / 1e9, "best_seconds": s,
                        "gflops": flops / s / 1e9})
     matmul = max(matmul, matmul_gflops())
-    step_rate = xla_flops / step_s / 1e9
+    step_rate = step_flops / step_s / 1e9
     ceiling_rate = covered / ideal / 1e9 if ideal else float("nan")
     return {
-        "key": key, "xla_flops": xla_flops, "product_flops": covered,
-        "product_share_of_xla_flops": covered / xla_flops,
+        "key": key, "xla_flops": step_flops, "product_flops": covered,
+        "product_share_of_xla_flops": covered / step_flops,
         "step_seconds": step_s, "step_gflops": step_rate,
         "ceiling_seconds": ideal, "ceiling_gflops": ceiling_rate,
         "matmul_gflops": matmul, "dispatch_seconds": dispatch,
         "step_fraction_of_matmul_rate": step_rate / matmul,
         "ceiling_fraction_of_matmul_rate": ceiling_rate / matmul,
-        "step_fraction_of_ceiling": ideal / step_s * xla_flops / covered,
+        "step_fraction_of_ceiling": ideal / step_s * step_flops / covered,
         "products": groups,
     }
 

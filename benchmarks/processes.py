@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import queue as queue_lib
 import statistics
 import tempfile
 import time
@@ -41,6 +42,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from benchmarks import ab
+from benchmarks.timing import xla_flops
 from iresnet_jax import runtime
 from iresnet_jax.train import multiprocess
 
@@ -62,10 +64,7 @@ def _local(key, overrides, preset, batch, shape, rank, n):
     t0 = time.perf_counter()
     compiled = jax.jit(vector).lower(*local).compile()
     compile_s = time.perf_counter() - t0
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost["flops"]) if cost and "flops" in cost else None
-    return compiled, local, compile_s, flops
+    return compiled, local, compile_s, xla_flops(compiled)
 
 
 def _use_cache(cache_dir):
@@ -117,7 +116,7 @@ def _get(queue, processes, what):
     while True:
         try:
             msg = queue.get(timeout=1.0)
-        except Exception:  # queue.Empty
+        except queue_lib.Empty:
             if not any(p.is_alive() for p in processes):
                 raise RuntimeError(f"the {what} processes exited without reporting "
                                    f"(exit codes {[p.exitcode for p in processes]})")

@@ -26,7 +26,7 @@ def _cpu_seconds() -> float | None:
     return usage.ru_utime + usage.ru_stime
 
 
-def _timed_calls(call: Callable[[], Any], repeats: int):
+def timed_calls(call: Callable[[], Any], repeats: int):
     """``(seconds of each of repeats calls, last output, usage)``; ``usage`` holds the
     minor page faults (``page_faults``) and kernel CPU seconds (``system_seconds``) per
     call where ``resource`` exists, else nothing."""
@@ -42,6 +42,17 @@ def _timed_calls(call: Callable[[], Any], repeats: int):
         usage["page_faults"] = (usage1.ru_minflt - usage0.ru_minflt) / repeats
         usage["system_seconds"] = (usage1.ru_stime - usage0.ru_stime) / repeats
     return times, out, usage
+
+
+def xla_flops(compiled) -> float | None:
+    """XLA's FLOP count of a compiled program, or ``None`` where the backend gives none."""
+    try:
+        cost = compiled.cost_analysis()
+        if isinstance(cost, (list, tuple)):
+            cost = cost[0]
+        return float(cost.get("flops", 0.0)) if cost else None
+    except Exception:  # cost analysis is optional on some backends
+        return None
 
 
 def compile_and_time(fn: Callable, *args, repeats: int = 15, warmup: int = 2,
@@ -70,17 +81,10 @@ def compile_and_time(fn: Callable, *args, repeats: int = 15, warmup: int = 2,
     parts = {"compile_lower": t1 - t0, "compile_xla": t2 - t1}
     if cpu0 is not None:
         parts["compile_cpu"] = cpu1 - cpu0
-    flops = None
-    try:
-        cost = compiled.cost_analysis()
-        if isinstance(cost, (list, tuple)):
-            cost = cost[0]
-        flops = float(cost.get("flops", 0.0)) if cost else None
-    except Exception:  # cost analysis is optional on some backends
-        flops = None
+    flops = xla_flops(compiled)
     for _ in range(warmup):
         jax.block_until_ready(compiled(*args))
-    times, out, usage = _timed_calls(lambda: compiled(*args), repeats)
+    times, out, usage = timed_calls(lambda: compiled(*args), repeats)
     return {"compile": compile_s, **parts, "median": statistics.median(times),
             "min": min(times), "flops": flops, "output": out, **usage}
 
@@ -100,7 +104,7 @@ def time_first_call(fn: Callable, *args, repeats: int = 15, warmup: int = 2
     first = time.perf_counter() - t0
     for _ in range(max(warmup - 1, 0)):
         jax.block_until_ready(fn(*args))
-    times, out, usage = _timed_calls(lambda: fn(*args), repeats)
+    times, out, usage = timed_calls(lambda: fn(*args), repeats)
     median = statistics.median(times)
     return {"compile": first - median, "first_call": first, "median": median,
             "min": min(times), "flops": None, "output": out, **usage}
