@@ -1,11 +1,9 @@
-"""absl-flag experiment binaries (``python -m experiments.<name> --help``).
+"""absl-flag binaries (``python -m experiments.<name> --help``) and their configs.
 
-The training and evaluation binaries call ``setup_run()`` first thing in ``main``: quieter
-logs, and a persistent cache of compiled XLA programs (``--compilation_cache_dir``), so
-that a resumed or repeated run loads its training and evaluation steps instead of
-compiling them again (the ANCHORS.md density model's log-det training step: 21.5 s to
-trace, lower and compile, 4.7 s from the cache on a 2-core CPU). ``analyses`` calls only
-``quiet_logs()``: its runtime table reports compile seconds.
+Every binary calls ``setup_run()`` first in ``main``: the CPU tuning of
+``iresnet_jax.tuning`` (nothing off the CPU), quieter logs, and JAX's persistent
+compilation cache (``--compilation_cache_dir``), so a resumed or repeated run loads its
+compiled steps instead of compiling them again.
 """
 
 import os
@@ -28,22 +26,27 @@ def quiet_logs() -> None:
 
 
 def use_compilation_cache(path: str | None = None) -> str | None:
-    """Points JAX's persistent compilation cache at ``path`` (default: the
-    ``--compilation_cache_dir`` flag) and returns the directory in use, or ``None`` when
-    it is off. Leaves JAX's setting alone when ``JAX_COMPILATION_CACHE_DIR`` is set."""
+    """Points JAX's persistent compilation cache at ``path`` (default: the flag) and
+    returns the directory in use, or ``None`` when it is off. ``JAX_COMPILATION_CACHE_DIR``
+    takes precedence."""
+    import jax
+
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return os.environ["JAX_COMPILATION_CACHE_DIR"]
     path = _CACHE_DIR.value if path is None else path
     if not path:
         return None
-    import jax  # not at import time: train.py relaunches itself before importing JAX
-
     path = os.path.expanduser(path)
     jax.config.update("jax_compilation_cache_dir", path)
     return path
 
 
-def setup_run() -> None:
-    """What every binary does first: ``quiet_logs()`` and ``use_compilation_cache()``."""
+def setup_run(*, cache: bool = True) -> None:
+    """What every binary does first: the CPU tuning, quiet logs and (``cache``) the
+    compilation cache."""
+    from iresnet_jax import tuning
+
     quiet_logs()
-    use_compilation_cache()
+    tuning.setup()
+    if cache:
+        use_compilation_cache()

@@ -1,29 +1,17 @@
-"""Evaluates the latest checkpoint of a training workdir on the test split.
+r"""Evaluates the newest checkpoint of a training workdir on its test set.
 
     python -m experiments.evaluate --workdir=/tmp/digits_density [--bias_tol=1e-4] \
         [--se_tol=1e-4]
 
-Classifiers: test accuracy. Density models: bits/dim with the paper's protocol (series
-terms from the Theorem 3 bound so the bias is below ``--bias_tol`` bits/dim, Hutchinson
-passes until the standard error is below ``--se_tol``), reporting the estimate, its
-standard error and the bias bound. Writes ``<workdir>/evaluation.json``.
+Toy densities: the test NLL. Classifiers: test accuracy. Density models: bits/dim with
+the paper's protocol (series terms from the Theorem 3 bound so the bias is below
+``--bias_tol`` bits/dim, Hutchinson passes until the standard error is below
+``--se_tol``). Writes ``<workdir>/evaluation.json``.
 """
 
-from __future__ import annotations
-
-from iresnet_jax import runtime  # no JAX import
-
-if __name__ == "__main__":
-    # Restart once with huge pages for XLA's buffers (see runtime.py) before the heavy
-    # imports below, so that they run only once.
-    runtime.relaunch_with_hugepages()
-
-import jax
 from absl import app, flags
 
 from experiments import setup_run
-
-from iresnet_jax.train import evaluation
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints).")
 _BIAS_TOL = flags.DEFINE_float("bias_tol", 1e-4, "Bound on the log-det bias, bits/dim.")
@@ -33,8 +21,8 @@ _MIN_PASSES = flags.DEFINE_integer("min_passes", 2, "Fewest passes over the test
 _MAX_PASSES = flags.DEFINE_integer("max_passes", 100, "Most passes over the test set.")
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Evaluation batch (0: the config's).")
 _BOUND = flags.DEFINE_enum("lipschitz_bound", "auto", ["auto", "dense", "power", "circular"],
-                           "How each conv's operator norm is obtained (see "
-                           "iresnet_jax.train.evaluation).")
+                           "How each conv's operator norm is obtained "
+                           "(iresnet_jax.lipschitz.conv_operator_norm).")
 _DISTRIBUTED = flags.DEFINE_bool("jax_distributed", False, "Call jax.distributed.initialize().")
 
 
@@ -42,6 +30,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     setup_run()
+    import jax
+
+    from iresnet_jax.train import evaluation
+
     if _DISTRIBUTED.value:
         jax.distributed.initialize()
     evaluation.evaluate_workdir(_WORKDIR.value, bias_tol=_BIAS_TOL.value, se_tol=_SE_TOL.value,

@@ -1,33 +1,23 @@
-r"""Train a flow on a 2-D toy density and plot it (the README's main job).
+r"""Trains a flow on a 2-D toy density and draws it (the README's main job).
 
     python -m experiments.toy_density --workdir=runs/toy
-    python -m experiments.toy_density --config=experiments/configs/toy_paper.py \
-        --workdir=runs/toy_paper --config.dataset=8gaussians
+    python -m experiments.toy_density --workdir=runs/toy_paper \
+        --config=experiments/configs/toy_paper.py --config.dataset=8gaussians
 
-Rerunning the same command resumes from the last checkpoint in --workdir. Any config field
-can be overridden on the command line (``--config.num_steps=500``).
+``experiments.train`` with ``experiments/configs/toy_default.py`` as the default config;
+rerunning the same command resumes, and every config field can be overridden
+(``--config.num_steps=500``, ``--config.model.logdet.method=series``).
 """
 
-from absl import app
-from absl import flags
-from ml_collections import config_flags
+import os
 
-from experiments import setup_run
+from absl import app, flags
 
-from iresnet_jax.train import toy
+from experiments import train
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "experiments/configs/toy_default.py", "Path to an ml_collections config file.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, figure.")
-
-
-def main(argv):
-    setup_run()
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    toy.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-
+DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "toy_default.py")
 
 if __name__ == "__main__":
+    _CONFIG, _WORKDIR = train.define_flags(DEFAULT_CONFIG)
     flags.mark_flag_as_required("workdir")
-    app.run(main)
+    app.run(train.make_main(_CONFIG, _WORKDIR))

@@ -1,45 +1,48 @@
-"""Trains an image model (classification or density estimation) from a config file.
+r"""Trains any task from a config file; rerunning the same command resumes.
 
-    python -m experiments.train --config=experiments/configs/digits_classifier.py \
-        --workdir=/tmp/digits_clf [--config.num_epochs=5] [--jax_distributed]
+    python -m experiments.train --config=experiments/configs/digits_density.py \
+        --workdir=/tmp/digits_density [--config.model.logdet.gradient=neumann]
 
-Resumes automatically from the checkpoints in ``--workdir``. Evaluate afterwards with
-``python -m experiments.evaluate --workdir=...``.
+Every config field can be overridden on the command line (``--config.<field>=value``).
+Writes checkpoints, ``metrics.jsonl``, TensorBoard logs, ``config.json`` and
+``metrics.json`` into ``--workdir``.
 """
 
-from __future__ import annotations
-
-from iresnet_jax import runtime  # no JAX import
-
-if __name__ == "__main__":
-    # Restart once with huge pages for XLA's buffers (see runtime.py) before the heavy
-    # imports below, so that they run only once.
-    runtime.relaunch_with_hugepages()
-
-import jax
 from absl import app, flags
-
-from experiments import setup_run
 from ml_collections import config_flags
 
-from iresnet_jax.train import experiment
+from experiments import setup_run
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training configuration file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
 _DISTRIBUTED = flags.DEFINE_bool("jax_distributed", False,
                                  "Call jax.distributed.initialize() (multi-host runs).")
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    setup_run()
-    if _DISTRIBUTED.value:
-        jax.distributed.initialize()
-    experiment.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+def define_flags(default_config: str | None = None):
+    """The ``--config`` and ``--workdir`` flags (``default_config``: a config file)."""
+    config = config_flags.DEFINE_config_file("config", default_config,
+                                             "Path to a config file (experiments/configs).",
+                                             lock_config=True)
+    workdir = flags.DEFINE_string("workdir", None,
+                                  "Directory for checkpoints, metrics and figures.")
+    return config, workdir
+
+
+def make_main(config_flag, workdir_flag):
+    def main(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        setup_run()
+        import jax
+
+        from iresnet_jax import train
+
+        if _DISTRIBUTED.value:
+            jax.distributed.initialize()
+        train.train_and_evaluate(config_flag.value, workdir_flag.value)
+    return main
 
 
 if __name__ == "__main__":
+    _CONFIG, _WORKDIR = define_flags()
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(make_main(_CONFIG, _WORKDIR))

@@ -1,29 +1,23 @@
-"""iresnet_jax: invertible residual networks (Behrmann et al., ICML 2019) in JAX/Flax.
+"""iresnet_jax: invertible residual networks (Behrmann et al., ICML 2019) and the
+estimators of Residual Flows (Chen et al., NeurIPS 2019) in JAX and Flax.
 
-Pure functions live in ``lipschitz``, ``logdet`` and ``inverse``; Flax linen modules in
-``layers``, ``blocks``, ``flow`` and ``models``.
-
-Submodules load on first use (``iresnet_jax.blocks`` or ``from iresnet_jax import
-blocks``), so ``iresnet_jax.runtime`` can be imported, and a binary can restart itself
-(``runtime.relaunch_with_hugepages``), before JAX is loaded.
+Pure JAX: ``conv``, ``lipschitz``, ``logdet``, ``inverse``, ``distributions``. Flax linen
+modules: ``layers``, ``blocks``, ``flow``, ``models``. Data and training: ``data``,
+``train``. CPU-only settings: ``tuning``. See docs/architecture.md.
 """
 
-from __future__ import annotations
+from iresnet_jax import (blocks, conv, distributions, flow, inverse, layers, lipschitz,
+                         logdet, models)
 
-import importlib
+__version__ = "0.2.0"
 
-__version__ = "0.1.0"
-
-__all__ = ["blocks", "distributions", "flow", "inverse", "layers", "lipschitz", "logdet"]
-
-
-def __getattr__(name: str):
-    if name in __all__:
-        module = importlib.import_module(f"{__name__}.{name}")
-        globals()[name] = module
-        return module
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = ["blocks", "conv", "distributions", "flow", "inverse", "layers", "lipschitz",
+           "load", "logdet", "models"]
 
 
-def __dir__():
-    return sorted(list(globals()) + __all__)
+def load(workdir: str):
+    """``(model, variables)`` of the newest checkpoint of a training workdir."""
+    from iresnet_jax.train import restore   # orbax and the data readers load on demand
+
+    run = restore(workdir)
+    return run.model, run.variables

@@ -1,21 +1,18 @@
 """Residual branches ``g`` and the invertible residual block ``y = x + g(x)``.
 
-A branch module builds ``g`` as a *pure function* of one batch: its ``function`` method
-runs spectral normalization once (power iteration, state update) and returns a closure
-over the normalized weights. The block then applies JAX transforms to that closure
-directly: ``jax.vjp`` / ``jax.linearize`` for the log-det, ``lax.while_loop`` for the
-inverse, ``jax.closure_convert`` for implicit gradients. No Flax module is called inside a
-JAX transform, and the power iteration runs once per forward, not once per series term.
+A branch builds ``g`` as a *pure function* of one batch: ``parts`` runs spectral
+normalization once (power iteration, state update) and returns arrays; ``build`` turns
+them into the closure ``g``. The block applies JAX transforms to that closure directly
+(``jax.vjp`` for the log-det, ``lax.while_loop`` for the inverse), so no Flax module runs
+inside a transform and the power iteration runs once per forward.
 
-Branches (Section 5 of the paper / appendix C):
+Branches (paper Section 5, appendix C):
 
-* ``ConvBranch``: ``[phi] -> conv k1 -> phi -> conv k2 -> phi -> conv k3`` with
-  ``kernel_sizes=(3, 1, 3)`` and hidden width ``hidden`` by default;
+* ``ConvBranch``: ``[phi] -> conv k1 -> phi -> conv k2 -> phi -> conv k3`` (3-1-3);
 * ``MLPBranch``: ``[phi] -> dense -> phi -> ... -> dense`` (toy densities: 2-64-64-64-2).
 
-With ``coeff`` in (0, 1) every linear map is spectrally normalized (``SpectralConv`` /
-``SpectralDense``), so ``Lip(g) <= coeff^n_layers < 1``. ``coeff=None`` gives the
-unconstrained ("vanilla") branch of the baselines, which need not be invertible.
+With ``coeff`` in (0, 1) every linear map is spectrally normalized, so
+``Lip(g) <= coeff^n_layers < 1``; ``coeff=None`` is the unconstrained ("vanilla") branch.
 """
 
 from __future__ import annotations
@@ -26,41 +23,21 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from iresnet_jax import conv as conv_lib
 from iresnet_jax import inverse as inverse_lib
 from iresnet_jax import layers
 from iresnet_jax import lipschitz
-from iresnet_jax import logdet as logdet_lib
-from iresnet_jax import utils
+from iresnet_jax.logdet import LogDetConfig
 
 Array = jax.Array
 
 
-class _PlainDense(nn.Module):
-    features: int
-    kernel_init: Callable = utils.lecun_normal
+class Branch(nn.Module):
+    """Fields and activation handling shared by the residual branches.
 
-    @nn.compact
-    def weights(self, x, *, train: bool = False):
-        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), x.dtype)
-        return kernel, self.param("bias", nn.initializers.zeros, (self.features,), x.dtype)
-
-
-class _PlainConv(nn.Module):
-    features: int
-    kernel_size: Sequence[int] = (3, 3)
-    kernel_init: Callable = utils.lecun_normal
-    padding: str = "SAME"
-
-    @nn.compact
-    def weights(self, x, *, train: bool = False):
-        ks = tuple(self.kernel_size)
-        kernel = self.param("kernel", self.kernel_init, ks + (x.shape[-1], self.features),
-                            x.dtype)
-        return kernel, self.param("bias", nn.initializers.zeros, (self.features,), x.dtype)
-
-
-class _Branch(nn.Module):
-    """Common fields and the activation handling of the residual branches."""
+    Subclasses implement ``parts(x, *, train)`` (spectral normalization for inputs like
+    ``x``; arrays only) and ``build(parts)`` (the pure function ``g``).
+    """
     coeff: float | None = 0.9
     n_power_iter: int = 1
     init_power_iter: int = 20
@@ -73,9 +50,12 @@ class _Branch(nn.Module):
             lipschitz.check_coeff(self.coeff)
         layers.activation_fn(self.activation)
 
+    def _kernel_init(self, last: bool):
+        return (nn.initializers.zeros if (last and self.zero_init_last)
+                else nn.initializers.lecun_normal())
+
     def _activation_params(self, widths: Sequence[int], dtype) -> list[Array | None]:
-        """Per linear layer: the LipSwish ``beta`` of the activation before it (``None`` for
-        parameter-free activations)."""
+        """Per linear layer: LipSwish's ``beta`` for the activation before it, or None."""
         params = []
         for i, width in enumerate(widths):
             if self.activation == "lipswish" and (i > 0 or self.leading_activation):
@@ -102,12 +82,8 @@ class _Branch(nn.Module):
 
     def function(self, x: Array | jax.ShapeDtypeStruct, *, train: bool = False
                  ) -> Callable[[Array], Array]:
-        """Runs spectral normalization and returns the pure function ``g`` for inputs
-        shaped like ``x`` (an array or ``jax.ShapeDtypeStruct``)."""
+        """Runs spectral normalization and returns the pure ``g`` for inputs like ``x``."""
         return self.build(self.parts(x, train=train))
-
-    def _kernel_init(self, last: bool):
-        return nn.initializers.zeros if (last and self.zero_init_last) else utils.lecun_normal
 
     def __call__(self, x: Array, *, train: bool = False) -> Array:
         return self.function(x, train=train)(x)
@@ -116,30 +92,18 @@ class _Branch(nn.Module):
         """The normalized ``(kernel, bias)`` of every layer at evaluation (no update)."""
         return self.parts(x, train=False)[0]
 
-    def build(self, parts) -> Callable[[Array], Array]:
-        """The pure function ``g`` from the arrays returned by ``parts``."""
-        raise NotImplementedError
 
-
-class ConvBranch(_Branch):
-    """``g`` for images: convs ``kernel_sizes`` with ``hidden`` channels between them.
+class ConvBranch(Branch):
+    """``g`` for images: convs of ``kernel_sizes`` with ``hidden`` channels between them.
 
     Attributes:
-      hidden: channels of the inner convolutions (paper: 32 for MNIST, 512 for CIFAR10).
+      hidden: channels of the inner convolutions (paper: 32 MNIST, 512 CIFAR-10).
       kernel_sizes: kernel size of each conv; the last maps back to the input channels.
-      coeff: Lipschitz coefficient per conv, in (0, 1); ``None``: unconstrained.
-      n_power_iter: power iterations per training call (paper's code: 5 density, 1
-        classification).
-      activation: ``"elu"`` (paper), ``"softplus"`` or ``"lipswish"``.
-      leading_activation: apply the activation to the block input first (the first block
-        of a network has none).
-      zero_init_last: initialize the last conv at zero, so the block starts as identity.
       padding: ``"SAME"`` (zeros) or ``"CIRCULAR"``.
-      narrowing: how convs that narrow the channels are computed, ``"conv"``,
-        ``"col2im"``, ``"hybrid"``, ``"auto"`` or ``"auto_hybrid"``
-        (``lipschitz.conv2d``; the same operator, a speed choice).
-      widening: the derivatives of convs that widen the channels, ``"patches"``,
-        ``"hybrid"`` or ``"auto_hybrid"`` (``lipschitz.conv2d``; a compile-time choice).
+      conv: how the convs are computed (``iresnet_jax.conv.IMPLS``; the same operator).
+      (and the fields of ``Branch``: ``coeff``, ``n_power_iter`` (paper's code: 5 for
+      density, 1 for classification), ``activation``, ``leading_activation`` (the first
+      block of a network has none), ``zero_init_last``.)
 
     Example:
       >>> branch = ConvBranch(hidden=32, coeff=0.9)
@@ -150,88 +114,72 @@ class ConvBranch(_Branch):
     hidden: int = 32
     kernel_sizes: Sequence[int] = (3, 1, 3)
     padding: str = "SAME"
-    narrowing: str = "conv"
-    widening: str = "patches"
+    conv: str = "xla"
 
-    @nn.compact
-    def parts(self, x: Array | jax.ShapeDtypeStruct, *, train: bool = False):
-        """Runs spectral normalization for inputs shaped like ``x`` (an array or
-        ``jax.ShapeDtypeStruct``) and returns arrays only: ``(weights, act_params)``, the
-        effective ``(kernel, bias)`` of every conv and the parameters of the activation
-        applied before each (``None`` where it has none)."""
-        self._check()
-        input_shape = x.shape
-        if len(input_shape) != 4:
-            raise ValueError(f"ConvBranch expects NHWC inputs, got shape {tuple(input_shape)}")
-        channels = input_shape[-1]
+    def _layers(self, channels: int):
         n = len(self.kernel_sizes)
         widths = [channels] + [self.hidden] * (n - 1)
         outs = [self.hidden] * (n - 1) + [channels]
-        params = []
-        for i, (ks, c_out) in enumerate(zip(self.kernel_sizes, outs)):
-            ks = (ks, ks) if isinstance(ks, int) else tuple(ks)
-            like = jax.ShapeDtypeStruct(tuple(input_shape[:-1]) + (widths[i],), x.dtype)
-            init = self._kernel_init(i == n - 1)
-            if self.coeff is None:
-                layer = _PlainConv(c_out, ks, kernel_init=init, name=f"conv{i}")
-            else:
-                layer = lipschitz.SpectralConv(
-                    c_out, ks, coeff=self.coeff, n_power_iter=self.n_power_iter,
-                    init_power_iter=self.init_power_iter, kernel_init=init,
-                    padding=self.padding, name=f"conv{i}")
-            params.append(layer.weights(like, train=train))
-        return params, self._activation_params(widths, x.dtype)
+        convs = [layers.SpectralConv(
+            c_out, (ks, ks) if isinstance(ks, int) else tuple(ks), coeff=self.coeff,
+            n_power_iter=self.n_power_iter, init_power_iter=self.init_power_iter,
+            kernel_init=self._kernel_init(i == n - 1), padding=self.padding, conv=self.conv,
+            name=f"conv{i}") for i, (ks, c_out) in enumerate(zip(self.kernel_sizes, outs))]
+        return widths, convs
+
+    @nn.compact
+    def parts(self, x: Array | jax.ShapeDtypeStruct, *, train: bool = False):
+        """``(weights, act_params)``: every conv's effective ``(kernel, bias)`` and the
+        parameters of the activation before each (``None`` where it has none)."""
+        self._check()
+        conv_lib.check_impl(self.conv)
+        if len(x.shape) != 4:
+            raise ValueError(f"ConvBranch expects NHWC inputs, got shape {tuple(x.shape)}")
+        widths, convs = self._layers(x.shape[-1])
+        weights = [c.weights(jax.ShapeDtypeStruct(tuple(x.shape[:-1]) + (w,), x.dtype),
+                             train=train) for c, w in zip(convs, widths)]
+        return weights, self._activation_params(widths, x.dtype)
 
     def build(self, parts) -> Callable[[Array], Array]:
-        """The pure function ``g`` from the arrays returned by ``parts``."""
         params, act_params = parts
         acts = self._activations(act_params)
-        padding, narrowing, widening = self.padding, self.narrowing, self.widening
+        padding, impl = self.padding, self.conv
 
         def g(x: Array) -> Array:
             h = x
             for act, (kernel, bias) in zip(acts, params):
-                h = lipschitz.conv2d(act(h), kernel, padding=padding, narrowing=narrowing,
-                                     widening=widening) + bias
+                h = conv_lib.conv2d(act(h), kernel, padding=padding, impl=impl) + bias
             return h
 
         return g
 
 
-class MLPBranch(_Branch):
-    """``g`` for vectors: dense layers ``in -> hidden... -> in`` (toy: 2-64-64-64-2).
-
-    Attributes are as in ``ConvBranch``; ``hidden`` lists the hidden layer sizes.
-    """
+class MLPBranch(Branch):
+    """``g`` for vectors: dense layers ``d -> hidden... -> d`` (toy: 2-64-64-64-2)."""
     hidden: Sequence[int] = (64, 64, 64)
     leading_activation: bool = False
 
     @nn.compact
     def parts(self, x: Array | jax.ShapeDtypeStruct, *, train: bool = False):
-        """Spectral normalization for inputs like ``x``: ``(weights, act_params)`` arrays."""
+        """``(weights, act_params)`` arrays for inputs like ``x``."""
         self._check()
-        input_shape = x.shape
-        if len(input_shape) != 2:
+        if len(x.shape) != 2:
             raise ValueError(f"MLPBranch expects (batch, features) inputs, got shape "
-                             f"{tuple(input_shape)}")
-        d = input_shape[-1]
+                             f"{tuple(x.shape)}")
+        d = x.shape[-1]
         widths = [d] + list(self.hidden)
         outs = list(self.hidden) + [d]
-        params = []
+        weights = []
         for i, (w_in, w_out) in enumerate(zip(widths, outs)):
-            init = self._kernel_init(i == len(outs) - 1)
-            if self.coeff is None:
-                layer = _PlainDense(w_out, kernel_init=init, name=f"dense{i}")
-            else:
-                layer = lipschitz.SpectralDense(
-                    w_out, coeff=self.coeff, n_power_iter=self.n_power_iter,
-                    init_power_iter=self.init_power_iter, kernel_init=init, name=f"dense{i}")
-            like = jax.ShapeDtypeStruct((input_shape[0], w_in), x.dtype)
-            params.append(layer.weights(like, train=train))
-        return params, self._activation_params(widths, x.dtype)
+            layer = layers.SpectralDense(
+                w_out, coeff=self.coeff, n_power_iter=self.n_power_iter,
+                init_power_iter=self.init_power_iter,
+                kernel_init=self._kernel_init(i == len(outs) - 1), name=f"dense{i}")
+            weights.append(layer.weights(jax.ShapeDtypeStruct((x.shape[0], w_in), x.dtype),
+                                         train=train))
+        return weights, self._activation_params(widths, x.dtype)
 
     def build(self, parts) -> Callable[[Array], Array]:
-        """The pure function ``g`` from the arrays returned by ``parts``."""
         params, act_params = parts
         acts = self._activations(act_params)
 
@@ -244,20 +192,17 @@ class MLPBranch(_Branch):
         def value_and_jacobian(x: Array) -> tuple[Array, Array]:
             """``(g(x), J)`` with ``J[b, i, j] = d g_i / d x_j``, in one forward pass.
 
-            Forward-mode with the ``d`` tangent streams stacked: each layer is one matmul
-            for the primal and one ``(d B, w) @ (w, w')`` product for all tangents (two
-            dots beat concatenating primal and tangents into one: on XLA:CPU the
-            concatenation costs more than the second dot). The first layer's tangents are
-            the kernel's rows scaled by the activation's slope (no product at all), and the
-            elementwise derivatives come from one ``jvp`` of the activation, so value and
-            derivative share their transcendentals.
+            Forward mode with the ``d`` tangent streams stacked: per layer one product for
+            the primal and one ``(d B, w) @ (w, w')`` for all tangents (two dots beat one
+            over a concatenation on XLA:CPU); the first layer's tangents are the kernel's
+            rows times the activation's slope, and one ``jvp`` of the activation gives
+            value and slope from the same transcendentals.
             """
             batch, d = x.shape
             (act, (kernel, bias)), rest = (acts[0], params[0]), zip(acts[1:], params[1:])
             a, slope = jax.jvp(act, (x,), (jnp.ones_like(x),))
             h = a @ kernel + bias
-            # tangents[i] = d h / d x_i = slope[:, i] * kernel[i], stream-major (d, B, w).
-            tangents = jnp.transpose(slope)[:, :, None] * kernel[:, None, :]
+            tangents = jnp.transpose(slope)[:, :, None] * kernel[:, None, :]   # (d, B, w)
             for act, (kernel, bias) in rest:
                 a, slope = jax.jvp(act, (h,), (jnp.ones_like(h),))
                 h = a @ kernel + bias
@@ -276,18 +221,17 @@ class InvertibleBlock(nn.Module):
     """An i-ResNet block: optional ActNorm, then ``y = x + g(x)``.
 
     Attributes:
-      branch: the residual branch (``ConvBranch`` or ``MLPBranch``), adopted as a child.
-      actnorm: ``"before"`` (image models: ActNorm, then the residual), ``"after"``
-        (toy densities) or ``None``.
-      logdet: how ``ln det(I + J_g)`` is computed (``logdet.LogDetConfig``); the power
-        series draws its probes from the rng stream ``"logdet"``.
-      inverse_tol, inverse_max_iter, inverse_method, inverse_rtol: settings of the
-        fixed-point inverse (``inverse.fixed_point``'s ``tol``, ``max_iter``, ``method``,
-        ``rtol``).
+      branch: the residual branch (``ConvBranch``, ``MLPBranch``...), adopted as a child.
+      actnorm: ``"before"`` (image models), ``"after"`` (toy densities) or ``None``.
+      logdet: how ``ln det(I + J_g)`` is computed; the estimators draw their probes from
+        the rng stream ``"logdet"``. With ``"none"`` the branch's own forward runs (which
+        may use batch statistics, as the BatchNorm baseline's does).
+      inverse_config: the fixed-point inverse's settings.
 
-    ``__call__(x, *, train=False) -> (y, log_det)``; ``inverse(y) -> x``. The inverse sows
-    its per-example iteration counts and residuals into the ``"intermediates"``
-    collection (``mutable=["intermediates"]`` to read them).
+    ``__call__(x, *, train=False) -> (y, log_det)``; ``inverse(y) -> x`` sows its
+    per-example iteration counts and residuals into ``"intermediates"``
+    (``mutable=["intermediates"]``); ``inverse(y, n_iter=k)`` runs exactly ``k`` plain
+    iterations instead (``k`` may be traced).
 
     Example:
       >>> block = InvertibleBlock(ConvBranch(hidden=16, coeff=0.9))
@@ -298,11 +242,8 @@ class InvertibleBlock(nn.Module):
     """
     branch: nn.Module
     actnorm: str | None = "before"
-    logdet: logdet_lib.LogDetConfig = logdet_lib.LogDetConfig()
-    inverse_tol: float = 1e-6
-    inverse_max_iter: int = 100
-    inverse_method: str = "plain"
-    inverse_rtol: float = 0.0
+    logdet: LogDetConfig = LogDetConfig()
+    inverse_config: inverse_lib.InverseConfig = inverse_lib.InverseConfig()
 
     def setup(self):
         if self.actnorm not in ACTNORM_POSITIONS:
@@ -316,8 +257,7 @@ class InvertibleBlock(nn.Module):
             return None
         if not self.has_rng("logdet"):
             if self.is_initializing():
-                # model.init(key, x) with one key: the log-det value is not needed.
-                return self.make_rng("params")
+                return self.make_rng("params")   # model.init(key, x): the value is unused
             raise ValueError(
                 f"the {self.logdet.method!r} log-det estimator draws probes from the rng "
                 "stream 'logdet': pass rngs={'logdet': key} to apply (or use "
@@ -325,11 +265,8 @@ class InvertibleBlock(nn.Module):
         return self.make_rng("logdet")
 
     def prepare(self, x: Array | jax.ShapeDtypeStruct, *, train: bool = False):
-        """The branch's normalized weights for inputs like ``x`` (arrays only).
-
-        Depends on ``x`` only through its shape, so a stack of blocks can prepare all its
-        blocks at once (``flow.BlockStack``) and pass them back as ``prepared``.
-        """
+        """The branch's normalized weights for inputs like ``x`` (arrays only); depends on
+        ``x`` only through its shape, so a stack prepares all its blocks at once."""
         return self.branch.parts(x, train=train)
 
     def __call__(self, x: Array, *, train: bool = False, prepared=None
@@ -337,29 +274,31 @@ class InvertibleBlock(nn.Module):
         log_det = jnp.zeros(x.shape[:1], x.dtype)
         if self.actnorm == "before":
             x, log_det = self.norm(x)
-        if prepared is None:
-            prepared = self.prepare(x, train=train)
-        g = self.branch.build(prepared)
-        gx, ld_branch = self.logdet(g, x, self._logdet_key())
+        if prepared is None and self.logdet.method == "none":
+            gx, ld = self.branch(x, train=train), jnp.zeros_like(log_det)
+        else:
+            if prepared is None:
+                prepared = self.prepare(x, train=train)
+            gx, ld = self.logdet(self.branch.build(prepared), x, self._logdet_key())
         y = x + gx
-        log_det = log_det + ld_branch
+        log_det = log_det + ld
         if self.actnorm == "after":
             y, ld_norm = self.norm(y)
             log_det = log_det + ld_norm
         return y, log_det
 
-    def inverse(self, y: Array, *, prepared=None) -> Array:
+    def inverse(self, y: Array, *, prepared=None, n_iter: int | Array | None = None) -> Array:
         if self.actnorm == "after":
             y = self.norm.inverse(y)
         if prepared is None:
             prepared = self.prepare(y, train=False)
         g = self.branch.build(prepared)
-        x, info = inverse_lib.fixed_point(g, y, tol=self.inverse_tol,
-                                          max_iter=self.inverse_max_iter,
-                                          method=self.inverse_method,
-                                          rtol=self.inverse_rtol)
-        self.sow("intermediates", "inverse_iterations", info.iterations)
-        self.sow("intermediates", "inverse_residual", info.residual)
+        if n_iter is None:
+            x, info = self.inverse_config(g, y)
+            self.sow("intermediates", "inverse_iterations", info.iterations)
+            self.sow("intermediates", "inverse_residual", info.residual)
+        else:
+            x = inverse_lib.iterate(g, y, n_iter)
         if self.actnorm == "before":
             x = self.norm.inverse(x)
         return x

@@ -1,4 +1,4 @@
-"""Priors, dequantization and bits per dimension (SPEC section 4)."""
+"""Gaussian log-densities, uniform dequantization and bits per dimension (pure JAX)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-
-from iresnet_jax import utils
 
 Array = jax.Array
 
@@ -29,19 +27,20 @@ def diag_normal_log_prob(z: Array, mean: Array, log_std: Array) -> Array:
 
 
 def dequantize(key: Array, pixels: Array, n_bins: int = 256) -> Array:
-    """Uniform dequantization ``x = (k + u) / n_bins`` with ``u ~ U[0, 1)``.
+    """Uniform dequantization to ``[-0.5, 0.5)``: ``(k + u) / n_bins - 0.5``, ``u ~ U[0, 1)``.
 
-    ``pixels`` holds integers in ``[0, n_bins)``; the result lies in ``[0, 1)``.
+    ``pixels`` holds integer levels in ``[0, n_bins)`` (256 for 8-bit images, 17 for
+    scikit-learn's digits). The shift (as the official code's ``x - 0.5``) has log-det 0,
+    so ``bits_per_dim`` applies unchanged.
     """
-    u = utils.uniform(key, pixels.shape, jnp.float32)
-    return (pixels.astype(jnp.float32) + u) / n_bins
+    u = jax.random.uniform(key, pixels.shape, jnp.float32)
+    return (pixels.astype(jnp.float32) + u) / n_bins - 0.5
 
 
 def bits_per_dim(log_prob: Array, dim: int, n_bins: int = 256) -> Array:
-    """``-(ln p(x) - D ln n_bins) / (D ln 2)`` for data dequantized to ``[0, 1)``.
+    """``-(ln p(x) - D ln n_bins) / (D ln 2)`` for data dequantized to a unit interval.
 
-    ``log_prob`` is the density of the dequantized data scaled to ``[0, 1)`` (add the
-    log-det of any further affine preprocessing to it first); ``dim`` is the real number of
-    dimensions (784 for MNIST, 3072 for CIFAR10), not counting injected channels.
+    ``dim`` is the real number of dimensions ``D`` (784 for MNIST, 3072 for CIFAR-10),
+    not counting injected channels.
     """
     return -(log_prob - dim * math.log(n_bins)) / (dim * math.log(2.0))

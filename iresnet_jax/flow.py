@@ -1,28 +1,34 @@
-"""The flow protocol and composition of invertible layers.
+"""The flow protocol, composition of invertible layers, and the density-flow contract.
 
 An invertible module implements
 
 * ``__call__(x, *, train=False) -> (y, log_det)``, ``log_det`` of shape ``(batch,)``;
-* ``inverse(y) -> x``.
+* ``inverse(y) -> x`` (``inverse(y, n_iter=k)``: exactly ``k`` fixed-point iterations per
+  residual block).
 
-``Chain`` composes such modules (log-dets add up; the inverse runs in reverse order).
-``BlockStack`` stacks ``n`` identical blocks with ``nn.scan`` so that the compiled program,
-and its compile time, do not grow with depth; the inverse scans in reverse.
+``Chain`` composes such modules; ``BlockStack`` stacks ``n`` identical blocks with
+``nn.scan`` so that the compiled program does not grow with depth. ``DensityFlow`` is the
+base of every density model (the toy i-ResNet, Glow, the multiscale i-ResNet): a flow to
+flat latents with a ``DiagonalGaussianPrior``, ``log_prob(x)`` and ``sample(n, *,
+temperature=1.0)`` (rng stream ``"sample"``).
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
-from iresnet_jax import utils
+from iresnet_jax import distributions
 
 Array = jax.Array
 
-# Collections whose variables are stacked along the scanned axis.
+# Collections whose variables are stacked along the scanned axis, and the rng streams
+# split per block.
 _SCANNED = {"params": 0, "spectral": 0, "intermediates": 0, "batch_stats": 0,
             "constants": 0}
 _SPLIT = {"params": True, "logdet": True, "dropout": True}
@@ -43,32 +49,34 @@ class Chain(nn.Module):
             log_det = log_det + ld
         return x, log_det
 
-    def inverse(self, y: Array) -> Array:
+    def inverse(self, y: Array, *, n_iter: int | Array | None = None) -> Array:
         for layer in reversed(self.layers):
-            y = layer.inverse(y)
+            y = _invert(layer, y, n_iter)
         return y
+
+
+def _invert(layer: nn.Module, y, n_iter):
+    """``layer.inverse(y)``, passing ``n_iter`` to the layers that iterate (analytic
+    layers such as ActNorm take no ``n_iter``)."""
+    if n_iter is not None and "n_iter" in inspect.signature(layer.inverse).parameters:
+        return layer.inverse(y, n_iter=n_iter)
+    return layer.inverse(y)
 
 
 class BlockStack(nn.Module):
     """``n`` copies (separate parameters) of ``block`` applied in sequence via ``nn.scan``.
 
-    Parameters and the ``"spectral"`` state gain a leading axis of size ``n``. With
-    ``remat=True`` each block is rematerialized in the backward pass (``jax.checkpoint``),
-    trading compute for activation memory.
+    Parameters and the ``"spectral"`` state gain a leading axis of size ``n``.
 
     Attributes:
-      block: an invertible block (e.g. ``InvertibleBlock``), adopted as the scanned child.
+      block: an invertible block, adopted as the scanned child.
       n: number of blocks (>= 1).
-      remat: rematerialize each block in the backward pass.
-      unroll: blocks per iteration of the compiled loop (``lax.scan``'s ``unroll``): larger
-        values trade compile time for less loop overhead and fusion across blocks. When
-        unrolled, every block's output goes through ``utils.materialize`` (an exact
-        identity), so that XLA does not re-evaluate the residual stream of all earlier
-        blocks inside each consumer.
-      hoist: for blocks with a ``prepare`` method (``InvertibleBlock``), run every block's
-        spectral normalization at once, vmapped over the stacked parameters, before the
-        scan. The power iteration depends only on the input's shape, and its many tiny
-        operations per block otherwise dominate the loop body on CPU.
+      remat: rematerialize each block in the backward pass (``jax.checkpoint``).
+      unroll: blocks per iteration of the compiled loop (``lax.scan``'s ``unroll``). When
+        unrolled, each block's output passes an ``optimization_barrier``, so XLA does not
+        fuse the whole residual stream of earlier blocks into every consumer.
+      hoist: run every block's ``prepare`` (spectral normalization, which depends only on
+        the input's shape) at once, vmapped over the stacked parameters, before the scan.
     """
     block: nn.Module
     n: int
@@ -87,8 +95,6 @@ class BlockStack(nn.Module):
                        reverse=reverse, unroll=self.unroll)
 
     def _prepare_all(self, x: Array, train: bool):
-        """Every block's ``prepare`` at once (vmapped over the stacked parameters), or
-        ``None`` for blocks without one."""
         if not self.hoist or not hasattr(self.block, "prepare"):
             return None
 
@@ -101,28 +107,79 @@ class BlockStack(nn.Module):
     def __call__(self, x: Array, *, train: bool = False) -> tuple[Array, Array]:
         self._check()
         prepared = self._prepare_all(x, train)
-        finish = utils.materialize if self.unroll > 1 else (lambda y: y)
-        if prepared is None:
-            def body(block, carry, _):
-                y, log_det = block(carry, train=train)
-                return finish(y), log_det
-        else:
-            def body(block, carry, prep):
-                y, log_det = block(carry, train=train, prepared=prep)
-                return finish(y), log_det
+        finish = lax.optimization_barrier if self.unroll > 1 else (lambda y: y)
+
+        def body(block, carry, prep):
+            kw = {} if prep is None else {"prepared": prep}
+            y, log_det = block(carry, train=train, **kw)
+            return finish(y), log_det
 
         y, log_dets = self._scan(body, reverse=False)(self.block, x, prepared)
         return y, jnp.sum(log_dets, axis=0)
 
-    def inverse(self, y: Array) -> Array:
+    def inverse(self, y: Array, *, n_iter: int | Array | None = None) -> Array:
         self._check()
         prepared = self._prepare_all(y, False)
-        if prepared is None:
-            def body(block, carry, _):
-                return block.inverse(carry), None
-        else:
-            def body(block, carry, prep):
-                return block.inverse(carry, prepared=prep), None
+
+        def body(block, carry, prep):
+            kw = {} if prep is None else {"prepared": prep}
+            if n_iter is not None:
+                kw["n_iter"] = n_iter
+            return block.inverse(carry, **kw), None
 
         x, _ = self._scan(body, reverse=True)(self.block, y, prepared)
         return x
+
+
+class DiagonalGaussianPrior(nn.Module):
+    """A diagonal Gaussian over flat latents ``(batch, D)``: learned (``mean`` and
+    ``log_std`` of shape ``(D,)``, zeros at init, created at ``model.init``) or the
+    standard normal (``learn=False``, no parameters)."""
+    learn: bool = True
+
+    @nn.compact
+    def __call__(self, z: Array) -> Array:
+        """Per-example ``ln N(z; mean, diag(exp(log_std))^2)``."""
+        if z.ndim != 2:
+            raise ValueError(f"the prior expects flat latents (batch, D), got {z.shape}")
+        if not self.learn:
+            return distributions.standard_normal_log_prob(z)
+        mean = self.param("mean", nn.initializers.zeros, (z.shape[-1],), z.dtype)
+        log_std = self.param("log_std", nn.initializers.zeros, (z.shape[-1],), z.dtype)
+        return distributions.diag_normal_log_prob(z, mean, log_std)
+
+    def sample(self, key: Array, n: int, dim: int, dtype=jnp.float32,
+               temperature: float = 1.0) -> Array:
+        """``n`` draws of dimension ``dim``, the standard deviation scaled by
+        ``temperature``."""
+        eps = jax.random.normal(key, (n, dim), dtype) * temperature
+        if not self.learn:
+            return eps
+        mean = self.get_variable("params", "mean")
+        log_std = self.get_variable("params", "log_std")
+        if mean is None:
+            raise ValueError("the learned prior has no parameters yet: initialize the model "
+                             "(model.init) with data first")
+        return mean + jnp.exp(log_std) * eps
+
+
+class DensityFlow(nn.Module):
+    """The density-model contract: ``__call__(x) -> (z, log_det)`` with flat ``z`` of
+    ``latent_dim`` entries, ``inverse(z) -> x``, and a submodule ``prior``
+    (``DiagonalGaussianPrior``) set up by the subclass."""
+
+    @property
+    def latent_dim(self) -> int:
+        raise NotImplementedError
+
+    def log_prob(self, x: Array, *, train: bool = False) -> Array:
+        """Per-example ``ln p(x) = ln p_z(F(x)) + ln|det J_F(x)|``."""
+        z, log_det = self(x, train=train)
+        return self.prior(z.reshape(z.shape[0], -1)) + log_det
+
+    def sample(self, n: int, *, temperature: float = 1.0) -> Array:
+        """``n`` samples: prior draws (rng stream ``"sample"``, standard deviation times
+        ``temperature``) through the inverse."""
+        z = self.prior.sample(self.make_rng("sample"), n, self.latent_dim,
+                              temperature=temperature)
+        return self.inverse(z)

@@ -14,15 +14,16 @@ pass) and returns ``ybar = u`` and ``thetabar = -(d_theta g)^T u``. ``g`` may cl
 parameters: they are hoisted with ``jax.closure_convert`` so their gradients flow too.
 
 ``method="anderson"`` uses safeguarded Anderson acceleration (type II, memory 5, one
-evaluation of ``g`` per iteration; see ``_anderson_solve`` for the convergence argument).
-On a 14x14x4 conv branch with weights that make the plain iteration slow, it reached 1e-6
-in 10 evaluations where the plain iteration needed 52 (c = 0.99); where the plain
-iteration already converges in a few steps it needs about as many
-(``python -m benchmarks.inverse``).
+evaluation of ``g`` per iteration; see ``_anderson_solve`` for the convergence argument):
+far fewer evaluations where the plain iteration is slow, about as many where it is fast.
+
+``InverseConfig`` carries the solver's settings from config files to the blocks;
+``iterate`` runs exactly ``n`` plain iterations (the paper's Fig. 8 analysis).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Callable, NamedTuple
 
@@ -332,3 +333,42 @@ def fixed_point(g: Callable[[Array], Array], y: Array, *, tol: float = 1e-6,
             _raise_if_not_converged(info.converged, info.residual, info.iterations,
                                     max_iter, tol, rtol)
     return x, info
+
+
+def iterate(g: Callable[[Array], Array], y: Array, n_iter: int | Array) -> Array:
+    """Exactly ``n_iter`` plain iterations ``x <- y - g(x)`` from ``x = y`` (no convergence
+    test; ``n_iter`` may be traced, so one compiled program serves every count)."""
+    with jax.default_matmul_precision("float32"):
+        return lax.fori_loop(0, n_iter, lambda _, x: y - g(x), y)
+
+
+@dataclasses.dataclass(frozen=True)
+class InverseConfig:
+    """The settings of a block's fixed-point inverse (``fixed_point``'s ``tol``, ``rtol``,
+    ``max_iter`` and ``method``).
+
+    Example:
+      >>> x, info = InverseConfig(tol=1e-7)(lambda x: 0.5 * jnp.sin(x), jnp.ones((2, 3)))
+    """
+    tol: float = 1e-6
+    rtol: float = 0.0
+    max_iter: int = 100
+    method: str = "plain"
+
+    def __post_init__(self):
+        if int(self.max_iter) != self.max_iter or self.max_iter < 1:
+            raise ValueError(f"inverse max_iter must be an integer >= 1, got "
+                             f"{self.max_iter!r}")
+        if not self.tol >= 0:
+            raise ValueError(f"inverse tol must be >= 0, got {self.tol!r}")
+        if not self.rtol >= 0:
+            raise ValueError(f"inverse rtol must be >= 0, got {self.rtol!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"inverse method must be one of {METHODS}, got "
+                             f"{self.method!r}")
+
+    def __call__(self, g: Callable[[Array], Array], y: Array
+                 ) -> tuple[Array, FixedPointInfo]:
+        """``fixed_point(g, y)`` with these settings."""
+        return fixed_point(g, y, tol=self.tol, max_iter=self.max_iter, method=self.method,
+                           rtol=self.rtol)

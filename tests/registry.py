@@ -12,9 +12,10 @@ from typing import Callable
 import flax.linen as nn
 
 from iresnet_jax import blocks, flow, layers, logdet, models
-from iresnet_jax.models import glow, toy
+from iresnet_jax.inverse import InverseConfig
 
 EXACT = logdet.LogDetConfig("exact")
+TIGHT = InverseConfig(tol=1e-10, max_iter=500)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,35 +27,34 @@ class Entry:
     exact_logdet: bool = True
 
 
+def _block(branch, **kw):
+    return blocks.InvertibleBlock(branch, logdet=EXACT, inverse_config=TIGHT, **kw)
+
+
 def _conv_block(**kw):
     kw.setdefault("actnorm", "before")
-    return blocks.InvertibleBlock(blocks.ConvBranch(hidden=4, coeff=0.9), logdet=EXACT,
-                                  inverse_tol=1e-10, inverse_max_iter=500, **kw)
+    return _block(blocks.ConvBranch(hidden=4, coeff=0.9), **kw)
 
 
 def _mlp_block(**kw):
-    return blocks.InvertibleBlock(blocks.MLPBranch(hidden=(8, 8), coeff=0.9),
-                                  logdet=EXACT, inverse_tol=1e-10, inverse_max_iter=500, **kw)
+    return _block(blocks.MLPBranch(hidden=(8, 8), coeff=0.9), **kw)
 
 
 REGISTRY = [
     Entry("actnorm", layers.ActNorm, (3, 2, 2, 3)),
     Entry("squeeze", layers.Squeeze, (2, 4, 4, 1)),
     Entry("mlp_block_actnorm_after", lambda: _mlp_block(actnorm="after"), (4, 2)),
-    Entry("mlp_block_lipswish", lambda: blocks.InvertibleBlock(
-        blocks.MLPBranch(hidden=(8,), coeff=0.7, activation="lipswish"), actnorm=None,
-        logdet=EXACT, inverse_tol=1e-10, inverse_max_iter=500), (4, 3)),
+    Entry("mlp_block_lipswish", lambda: _block(
+        blocks.MLPBranch(hidden=(8,), coeff=0.7, activation="lipswish"), actnorm=None),
+        (4, 3)),
     Entry("conv_block", _conv_block, (2, 3, 3, 2)),
-    Entry("conv_block_softplus_circular", lambda: blocks.InvertibleBlock(
-        blocks.ConvBranch(hidden=4, coeff=0.6, activation="softplus", padding="CIRCULAR"),
-        logdet=EXACT, inverse_tol=1e-10, inverse_max_iter=500), (2, 3, 3, 2)),
-    Entry("conv_block_col2im", lambda: blocks.InvertibleBlock(
-        blocks.ConvBranch(hidden=4, coeff=0.9, narrowing="col2im"), logdet=EXACT,
-        inverse_tol=1e-10, inverse_max_iter=500), (2, 3, 3, 2)),
-    Entry("conv_block_hybrid", lambda: blocks.InvertibleBlock(
-        blocks.ConvBranch(hidden=4, coeff=0.9, narrowing="hybrid", widening="hybrid"),
-        logdet=EXACT,
-        inverse_tol=1e-10, inverse_max_iter=500), (2, 3, 3, 2)),
+    Entry("conv_block_softplus_circular", lambda: _block(
+        blocks.ConvBranch(hidden=4, coeff=0.6, activation="softplus", padding="CIRCULAR")),
+        (2, 3, 3, 2)),
+    Entry("conv_block_matmul", lambda: _block(
+        blocks.ConvBranch(hidden=4, coeff=0.9, conv="matmul")), (2, 3, 3, 2)),
+    Entry("conv_block_hybrid", lambda: _block(
+        blocks.ConvBranch(hidden=4, coeff=0.9, conv="hybrid")), (2, 3, 3, 2)),
     Entry("block_stack", lambda: flow.BlockStack(_conv_block(), n=3), (2, 3, 3, 2)),
     Entry("block_stack_unrolled", lambda: flow.BlockStack(_conv_block(), n=3, unroll=3),
           (2, 3, 3, 2)),
@@ -62,19 +62,19 @@ REGISTRY = [
           (3, 3)),
     Entry("chain", lambda: flow.Chain([layers.ActNorm(), layers.Squeeze(),
                                        flow.BlockStack(_conv_block(), n=2)]), (2, 4, 2, 1)),
-    Entry("toy_iresnet", lambda: toy.ToyIResNet(n_blocks=3, hidden=(8, 8), inverse_tol=1e-10,
-                                                inverse_max_iter=500), (4, 2)),
-    Entry("glow_mlp_reverse", lambda: glow.Glow(n_steps=3, hidden=(8,)), (4, 2)),
-    Entry("glow_conv_1x1", lambda: glow.Glow(n_steps=2, hidden=(4,), mixing="1x1"),
+    Entry("toy_iresnet", lambda: models.ToyIResNet(n_blocks=3, hidden=(8, 8),
+                                                   inverse_config=TIGHT), (4, 2)),
+    Entry("glow_mlp_reverse", lambda: models.Glow(n_steps=3, hidden=(8,)), (4, 2)),
+    Entry("glow_conv_1x1", lambda: models.Glow(n_steps=2, hidden=(4,), mixing="1x1"),
           (2, 2, 2, 4)),
-    # Image models (iresnet_jax.models) at tiny sizes.
+    # Image models at tiny sizes.
     Entry("multiscale_density", lambda: models.MultiscaleDensity(
         input_shape=(4, 4, 1), blocks_per_scale=(1, 2, 1), squeeze=(False, True, False),
-        hidden=4, logdet=EXACT, inverse_tol=1e-10, inverse_max_iter=500), (2, 4, 4, 1)),
+        hidden=4, logdet=EXACT, inverse_config=TIGHT), (2, 4, 4, 1)),
     Entry("classifier_features", lambda: models.IResNetFeatures(
         stages=(2, 1), hidden=4, squeeze=(False, True), pad_channels=0, logdet=EXACT,
-        inverse_tol=1e-10, inverse_max_iter=500), (2, 4, 4, 2)),
+        inverse_config=TIGHT), (2, 4, 4, 2)),
     Entry("classifier_features_padded", lambda: models.IResNetFeatures(
         stages=(1, 1), hidden=4, squeeze=(False, True), pad_channels=1, logdet=EXACT,
-        inverse_tol=1e-10, inverse_max_iter=500), (2, 4, 4, 1), exact_logdet=False),
+        inverse_config=TIGHT), (2, 4, 4, 1), exact_logdet=False),
 ]

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from iresnet_jax import blocks, flow, inverse, lipschitz, logdet
+from iresnet_jax import blocks, flow, inverse, layers, logdet
 
 
 def _hard_conv_branch(coeff, x):
@@ -25,7 +25,7 @@ def _hard_conv_branch(coeff, x):
               "conv1": {**p["conv1"], "kernel": 3.0 * jnp.eye(4, dtype=x.dtype)[None, None]},
               "conv2": {**p["conv2"], "kernel": 3.0 * jnp.transpose(k0[::-1, ::-1],
                                                                     (0, 1, 3, 2))}}
-    with lipschitz.power_iterations(300):
+    with layers.power_iterations(300):
         _, state = jax.jit(lambda v: branch.apply(v, x, train=True, mutable=["spectral"]))(
             {"params": params, "spectral": variables["spectral"]})
     return branch.apply({"params": params, **state}, x, method="function")
@@ -141,8 +141,9 @@ def test_anderson_implicit_gradient_matches_plain(x64):
 
 def test_anderson_inverse_of_a_scanned_stack_under_jit(x64):
     block = blocks.InvertibleBlock(blocks.MLPBranch(hidden=(8,), coeff=0.9),
-                                   logdet=logdet.LogDetConfig("none"), inverse_tol=1e-10,
-                                   inverse_max_iter=500, inverse_method="anderson")
+                                   logdet=logdet.LogDetConfig("none"),
+                                   inverse_config=inverse.InverseConfig(
+                                       tol=1e-10, max_iter=500, method="anderson"))
     model = flow.BlockStack(block, n=3)
     x = jax.random.normal(jax.random.key(10), (4, 3), jnp.float64)
     variables = jax.jit(model.init)(jax.random.key(11), x)

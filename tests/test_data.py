@@ -89,7 +89,7 @@ def test_deterministic_batches_and_epochs():
 
 def test_eval_batches_pad_and_mask():
     test = data.load("digits", "test")
-    batches = list(data.eval_batches(test, 100))
+    batches = list(data.padded_batches({"image": test.images, "label": test.labels}, 100))
     assert len(batches) == 4 and all(b["image"].shape[0] == 100 for b in batches)
     assert sum(int(b["mask"].sum()) for b in batches) == 360
     np.testing.assert_array_equal(batches[-1]["label"][:60], test.labels[300:])

@@ -1,4 +1,5 @@
-"""Image models: parameter counts of the ANCHORS configurations, shapes, errors, sampling.
+"""Image models: parameter counts of the reference configurations, the configs' model
+settings, shapes, errors, sampling.
 
 Round trips, dense-Jacobian log-dets and jit-vs-eager agreement of the models are covered
 by the registry (test_invariants.py).
@@ -9,10 +10,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from iresnet_jax import models
-from iresnet_jax.models import density as density_lib
+from experiments.configs import (anchors_classifier, anchors_density, cifar10_classifier,
+                                 cifar10_density, digits_batchnorm, digits_classifier,
+                                 digits_density, mnist_density)
+from iresnet_jax import distributions, models
 
 RNGS = {"params": jax.random.key(0), "logdet": jax.random.key(1)}
+DIGITS = dict(input_shape=(8, 8, 1))
+
+
+def _build(config_module, **overrides):
+    """The model of a config file (data-decided fields as in its dataset)."""
+    spec = config_module.get_config().model
+    data = ({"input_shape": {"digits": (8, 8, 1), "mnist": (28, 28, 1),
+                             "cifar10": (32, 32, 3)}[config_module.get_config().dataset]}
+            if spec.name == "multiscale_density" else {"num_classes": 10})
+    return models.build(spec, **{**data, **overrides})
 
 
 def _param_count(model, shape):
@@ -21,7 +34,7 @@ def _param_count(model, shape):
 
 
 def test_anchors_density_has_51680_parameters():
-    count, variables = _param_count(models.build("anchors_density"), (2, 28, 28, 1))
+    count, variables = _param_count(_build(anchors_density), (2, 28, 28, 1))
     assert count == 51_680
     # 12 blocks of three spectrally normalized convs, each with its power-iteration vector.
     us = [u for p, u in jax.tree_util.tree_leaves_with_path(variables["spectral"])
@@ -31,60 +44,68 @@ def test_anchors_density_has_51680_parameters():
 
 
 def test_anchors_classifier_has_214650_parameters():
-    model = models.build("anchors_classifier")
-    count, variables = _param_count(model, (2, 28, 28, 1))
+    count, variables = _param_count(_build(anchors_classifier), (2, 28, 28, 1))
     assert count == 214_650
     # Without the official code's (unused) feature prior: 6,272 = 2 * 7 * 7 * 64 fewer.
-    count, _ = _param_count(models.build("anchors_classifier", feature_prior=False),
-                            (2, 28, 28, 1))
+    count, _ = _param_count(_build(anchors_classifier, feature_prior=False), (2, 28, 28, 1))
     assert count == 214_650 - 2 * 7 * 7 * 64
 
 
 def test_paper_configurations_build():
-    count, _ = _param_count(models.build("paper_cifar10_density"), (1, 32, 32, 3))
+    count, _ = _param_count(_build(cifar10_density), (1, 32, 32, 3))
     assert count > 40_000_000     # 96 blocks with 512 filters
-    model = models.build("paper_cifar10_classifier")
-    assert sum(model.extractor.stages) == 39 and model.extractor.pad_channels == 13
+    model = _build(cifar10_classifier)
+    assert sum(model.stages) == 39 and model.pad_channels == 13
     shapes = jax.eval_shape(lambda x: model.init(RNGS, x, method="features"),
                             jnp.zeros((1, 32, 32, 3)))
     z = jax.eval_shape(lambda v, x: model.apply(v, x, method="features"), shapes,
                        jnp.zeros((1, 32, 32, 3)))
     assert z.shape == (1, 8, 8, 256)   # appendix C.2: "a 8x8x256 tensor"
-    assert models.build("paper_mnist_density").logdet.n_terms == 10
-    assert models.build("paper_cifar10_density").logdet.n_terms == 5
-    # The density presets' series takes its powers from both ends unless told otherwise;
+    assert _build(mnist_density).logdet.n_terms == 10
+    assert _build(cifar10_density).logdet.n_terms == 5
+    # The density configs' series takes its powers from both ends unless told otherwise;
     # the roulette (which cannot) keeps the single chain.
-    assert models.build("paper_mnist_density").logdet.mode == "split"
-    assert models.build("anchors_density", logdet_mode="vjp").logdet.mode == "vjp"
-    roulette = models.build("digits_density", logdet_method="roulette").logdet
+    assert _build(mnist_density).logdet.mode == "split"
+    vjp = {**anchors_density.get_config().model.logdet, "mode": "vjp"}
+    assert _build(anchors_density, logdet=vjp).logdet.mode == "vjp"
+    spec = digits_density.get_config().model
+    roulette = models.build(spec, logdet={**spec.logdet, "method": "roulette"},
+                            **DIGITS).logdet
     assert (roulette.method, roulette.mode) == ("roulette", "vjp")
-    neumann = models.build("digits_density", logdet_gradient="neumann").logdet
+    neumann = models.build(spec, logdet={**spec.logdet, "gradient": "neumann"},
+                           **DIGITS).logdet
     assert (neumann.method, neumann.gradient, neumann.mode) == ("series", "neumann", "vjp")
-    assert models.build("digits_density", logdet_mode="auto").logdet.mode == "split"
-    assert models.build("digits_classifier").extractor.logdet.method == "none"
+    assert models.build(spec, **DIGITS).logdet.mode == "split"
+    assert _build(digits_classifier).logdet.method == "none"
     with pytest.raises(ValueError, match="split.*roulette"):
-        models.build("digits_density", logdet_method="roulette", logdet_mode="split")
+        models.build(spec, logdet={**spec.logdet, "method": "roulette", "mode": "split"},
+                     **DIGITS)
 
 
 def test_scale_plan_and_errors():
-    plan = density_lib.scale_plan((28, 28, 1), (False, True, False), True, True)
+    plan = models.scale_plan((28, 28, 1), (False, True, False), True, True)
     assert [p["blocks_shape"] for p in plan] == [(14, 14, 4), (7, 7, 8), (7, 7, 4)]
     assert sum(np.prod(p["factored_shape"]) for p in plan[:-1]) + 7 * 7 * 4 == 784
     with pytest.raises(ValueError, match="squeeze a 7x7"):
-        density_lib.scale_plan((28, 28, 1), (False, True, True), True, True)
-    with pytest.raises(ValueError, match="unknown model preset"):
-        models.build("nope")
-    with pytest.raises(ValueError, match="kind"):
-        models.build(kind="gan")
-    model = models.build("digits_density", blocks_per_scale=(1, 1, 1), hidden=4)
+        models.scale_plan((28, 28, 1), (False, True, True), True, True)
+    with pytest.raises(ValueError, match="model name must be one of"):
+        models.build({"name": "nope"})
+    with pytest.raises(ValueError, match="unknown field of model 'classifier' 'stage'.*"
+                                         "did you mean stages"):
+        models.build({"name": "classifier", "stage": 3})
+    with pytest.raises(ValueError, match="unknown logdet setting 'n_term'"):
+        models.build({"name": "toy_iresnet", "logdet": {"n_term": 3}})
+    model = _build(digits_density, blocks_per_scale=(1, 1, 1), hidden=4)
     with pytest.raises(ValueError, match="built for inputs of shape"):
         jax.eval_shape(lambda x: model.init(RNGS, x), jnp.zeros((1, 16, 16, 1)))
 
 
 def test_density_log_prob_sample_and_bits_per_dim():
-    model = models.build("digits_density", blocks_per_scale=(1, 1, 1), hidden=4, n_terms=3)
+    spec = digits_density.get_config().model
+    model = models.build(spec, blocks_per_scale=(1, 1, 1), hidden=4,
+                         logdet={**spec.logdet, "n_terms": 3}, **DIGITS)
     pixels = jnp.asarray(np.random.default_rng(0).integers(0, 17, (8, 8, 8, 1)), jnp.float32)
-    x = density_lib.dequantize(jax.random.key(2), pixels, 17)
+    x = distributions.dequantize(jax.random.key(2), pixels, 17)
     assert float(x.min()) >= -0.5 and float(x.max()) < 0.5
     variables = jax.jit(model.init)(RNGS, x)
 
@@ -96,18 +117,18 @@ def test_density_log_prob_sample_and_bits_per_dim():
         return lp, z, ld, samples
 
     lp, z, ld, samples = run(variables, x)
-    prior = density_lib.distributions.standard_normal_log_prob(z)  # prior at init
+    prior = distributions.standard_normal_log_prob(z)  # the learned prior at init
     np.testing.assert_allclose(lp, prior + ld, rtol=1e-5)
     assert samples.shape == (3, 8, 8, 1) and bool(jnp.all(jnp.isfinite(samples)))
-    bpd = density_lib.bits_per_dim(lp, 64, 17)
+    bpd = distributions.bits_per_dim(lp, 64, 17)
     np.testing.assert_allclose(bpd, -(lp - 64 * np.log(17)) / (64 * np.log(2)), rtol=1e-6)
 
 
 def test_classifier_baselines_train_mode_and_inverse():
     x = jnp.asarray(np.random.default_rng(0).normal(size=(6, 8, 8, 1)), jnp.float32)
-    for preset, collections in [("digits_classifier", {"batch_stats", "spectral"}),
-                                ("digits_batchnorm", {"batch_stats"})]:
-        model = models.build(preset, stages=(1, 1, 1), hidden=4)
+    for config_module, collections in [(digits_classifier, {"batch_stats", "spectral"}),
+                                       (digits_batchnorm, {"batch_stats"})]:
+        model = _build(config_module, stages=(1, 1, 1), hidden=4)
         variables = jax.jit(model.init)(RNGS, x)
         assert set(variables) - {"params"} == collections
 
@@ -124,5 +145,5 @@ def test_classifier_baselines_train_mode_and_inverse():
                              state["batch_stats"], variables["batch_stats"])
         assert max(jax.tree.leaves(moved)) > 0          # training updates BN statistics
         assert z.shape == (6, 2, 2, 64)
-        if preset == "digits_classifier":                # invertible: c = 0.9
+        if config_module is digits_classifier:          # invertible: c = 0.9
             np.testing.assert_allclose(x_rec, x, atol=1e-5)

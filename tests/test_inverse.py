@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from iresnet_jax import blocks, flow, inverse, lipschitz, logdet, models
+from experiments.configs import digits_classifier, digits_density
+from iresnet_jax import blocks, flow, inverse, layers, logdet, models
 
 
 def _scaled(variables, factor):
@@ -20,14 +21,14 @@ def _block(kind, coeff):
     else:
         branch = blocks.ConvBranch(hidden=16, coeff=coeff)
     return blocks.InvertibleBlock(branch, actnorm="before",
-                                  logdet=logdet.LogDetConfig("none"), inverse_tol=1e-6,
-                                  inverse_max_iter=2000)
+                                  logdet=logdet.LogDetConfig("none"),
+                                  inverse_config=inverse.InverseConfig(max_iter=2000))
 
 
 def _certify(model, variables, x):
     """Scale weights up (every constraint active), then converge the power iterations."""
     variables = _scaled(variables, 3.0)
-    with lipschitz.power_iterations(300):
+    with layers.power_iterations(300):
         _, state = model.apply(variables, x, train=True, mutable=["spectral"])
     return {**variables, **state}
 
@@ -216,13 +217,15 @@ def test_bad_arguments():
         inverse.fixed_point(g, jnp.ones((2, 2)), method="newton")
 
 
-@pytest.mark.parametrize("preset", ["digits_density", "digits_classifier"])
-def test_image_models_pass_the_relative_tolerance_to_their_blocks(preset):
-    density = preset.endswith("density")
-    kw = dict(blocks_per_scale=(1, 1, 1)) if density else dict(stages=(1, 1, 1))
+@pytest.mark.parametrize("density", [True, False], ids=["digits_density", "digits_classifier"])
+def test_image_models_pass_the_relative_tolerance_to_their_blocks(density):
+    config = (digits_density if density else digits_classifier).get_config()
+    kw = (dict(blocks_per_scale=(1, 1, 1), input_shape=(8, 8, 1)) if density
+          else dict(stages=(1, 1, 1), num_classes=10))
     x = jax.random.uniform(jax.random.key(40), (3, 8, 8, 1), minval=-0.5, maxval=0.5)
-    model = models.build(preset, inverse_tol=0.0, inverse_rtol=1e-6, **kw)
-    assert (model if density else model.extractor).inverse_rtol == 1e-6
+    config.model.inverse.update(tol=0.0, rtol=1e-6)
+    model = models.build(config.model, **kw)
+    assert model.inverse_config.rtol == 1e-6
     variables = model.init({"params": jax.random.key(41), "logdet": jax.random.key(42)}, x)
     if density:
         z, _ = model.apply(variables, x, rngs={"logdet": jax.random.key(43)})

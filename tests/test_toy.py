@@ -4,13 +4,15 @@ import json
 import math
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.configs import toy_default
+from experiments.configs import toy_default, toy_glow
+from iresnet_jax import train
 from iresnet_jax.data import toy2d
-from iresnet_jax.train import multiprocess, toy
+from iresnet_jax.train import optim
 
 
 @pytest.mark.parametrize("name", toy2d.DATASETS)
@@ -47,19 +49,17 @@ def test_unknown_dataset_lists_the_valid_ones():
 
 def tiny_config(**overrides):
     c = toy_default.get_config()
-    c.n_blocks = 2
-    c.hidden = (8, 8)
+    c.model.update(n_blocks=2, hidden=(8, 8))
     c.batch_size = 64
     c.num_steps = 4
-    c.warmup_steps = 1
+    c.optimizer.warmup_steps = 1
     c.eval_every = 2
     c.checkpoint_every = 2
     c.log_every = 2
     c.n_test = 256
-    c.eval_chunk = 256
+    c.eval_batch_size = 256
     c.grid_size = 16
     c.n_plot_samples = 64
-    c.processes = 1  # the two-process runs are in test_multiprocess.py
     for k, v in overrides.items():
         c[k] = v
     return c
@@ -67,52 +67,53 @@ def tiny_config(**overrides):
 
 @pytest.mark.parametrize("model", ["iresnet", "glow"])
 def test_training_writes_figure_and_metrics_and_is_deterministic(tmp_path, model):
-    c = tiny_config(model=model)
-    m1 = toy.train_and_evaluate(c, str(tmp_path / "a"), print_fn=lambda s: None)
-    m2 = toy.train_and_evaluate(c, str(tmp_path / "b"), print_fn=lambda s: None)
-    assert m1["test_nll"] == m2["test_nll"]          # same seed, same result
-    assert os.path.getsize(tmp_path / "a" / f"checkerboard_{model}.png") > 1000
+    c = tiny_config()
+    if model == "glow":
+        c.model = toy_glow.get_config().model
+        c.model.update(n_steps=2, hidden=(8, 8))
+    m1 = train.train_and_evaluate(c, str(tmp_path / "a"), print_fn=lambda s: None)
+    m2 = train.train_and_evaluate(c, str(tmp_path / "b"), print_fn=lambda s: None)
+    assert m1["final"]["test_nll"] == m2["final"]["test_nll"]      # same seed, same result
+    assert os.path.getsize(tmp_path / "a" / m1["figure"]) > 1000
     written = json.loads((tmp_path / "a" / "metrics.json").read_text())
-    assert written["steps"] == 4 and written["dataset"] == "checkerboard"
+    assert written["final"]["step"] == 4 and written["dataset"] == "checkerboard"
     assert written["true_nll"] == pytest.approx(math.log(32))
-    assert math.isfinite(written["test_nll"])
+    assert math.isfinite(written["final"]["test_nll"])
+    assert math.isfinite(written["final"]["train_loss"])
+    assert written["processes"] == 1 and written["seconds"] > 0
     assert 0.3 < written["density_mass_on_plot_grid"] < 1.05
     assert (tmp_path / "a" / "metrics.jsonl").exists()
+    assert (tmp_path / "a" / "config.json").exists()
 
 
 class _Killed(Exception):
     pass
 
 
-@pytest.mark.parametrize("processes", [
-    1, pytest.param(2, marks=pytest.mark.skipif(len(multiprocess.available_cpus()) < 2,
-                                                reason="needs two CPUs"))])
-def test_killed_run_resumes_to_the_state_of_an_uninterrupted_run(tmp_path, processes):
-    """With two processes rank 0 dies (rank 1 stops with it) and the rerun restores in
-    rank 0 and hands the state to rank 1."""
-    c = tiny_config(num_steps=6, processes=processes)
-    full = toy.train_and_evaluate(c, str(tmp_path / "full"), print_fn=lambda s: None)
+def test_killed_run_resumes_to_the_state_of_an_uninterrupted_run(tmp_path):
+    c = tiny_config(num_steps=6)
+    full = train.train_and_evaluate(c, str(tmp_path / "full"), print_fn=lambda s: None)
 
     def kill_at_step_4(line):
         if line.startswith("step 4/"):
             raise _Killed()  # dies after step 4 is computed, before its checkpoint
 
     with pytest.raises(_Killed):
-        toy.train_and_evaluate(c, str(tmp_path / "resumed"), print_fn=kill_at_step_4)
+        train.train_and_evaluate(c, str(tmp_path / "resumed"), print_fn=kill_at_step_4)
     lines = []
-    resumed = toy.train_and_evaluate(c, str(tmp_path / "resumed"), print_fn=lines.append)
+    resumed = train.train_and_evaluate(c, str(tmp_path / "resumed"), print_fn=lines.append)
     assert any("resumed from checkpoint at step 2" in line for line in lines)
     assert resumed["steps_this_run"] == 4
-    assert resumed["test_nll"] == full["test_nll"]
+    assert resumed["final"]["test_nll"] == full["final"]["test_nll"]
+    a, b = train.restore(str(tmp_path / "full")), train.restore(str(tmp_path / "resumed"))
+    jax.tree.map(np.testing.assert_array_equal, a.state.params, b.state.params)
 
 
 @pytest.mark.parametrize("num_steps", [1, 60, 100])
 def test_optimizer_for_runs_shorter_than_the_warmup(num_steps):
     """The default warm-up is 100 steps; a shorter run (a quick try of the main job) must
     still build its schedule and take finite, nonzero steps."""
-    c = toy_default.get_config()
-    c.num_steps = num_steps
-    tx = toy.make_optimizer(c)
+    tx = optim.make(toy_default.get_config().optimizer, num_steps)
     params = {"w": jnp.ones(3)}
     opt_state = tx.init(params)
     moved = []
@@ -125,15 +126,26 @@ def test_optimizer_for_runs_shorter_than_the_warmup(num_steps):
 
 @pytest.mark.parametrize("field,value,match", [
     ("num_steps", 0, "num_steps"), ("batch_size", -5, "batch_size"),
-    ("dataset", "chessboard", "valid names"), ("model", "maf", "valid"),
+    ("dataset", "chessboard", "valid names"), ("task", "gan", "task must be one of"),
 ])
 def test_bad_config_fails_at_once(tmp_path, field, value, match):
     with pytest.raises(ValueError, match=match):
-        toy.train_and_evaluate(tiny_config(**{field: value}), str(tmp_path))
+        train.train_and_evaluate(tiny_config(**{field: value}), str(tmp_path))
+
+
+def test_bad_model_or_optimizer_settings_fail_at_once(tmp_path):
+    c = tiny_config()
+    c.model.name = "maf"
+    with pytest.raises(ValueError, match="model name must be one of"):
+        train.train_and_evaluate(c, str(tmp_path))
+    c = tiny_config()
+    c.optimizer.learning_rate = 0.0
+    with pytest.raises(ValueError, match="learning_rate must be positive"):
+        train.train_and_evaluate(c, str(tmp_path))
 
 
 def test_unwritable_workdir_fails_at_once(tmp_path):
     blocker = tmp_path / "f"
     blocker.write_text("")
     with pytest.raises(ValueError, match="not writable"):
-        toy.train_and_evaluate(tiny_config(), str(blocker / "run"))
+        train.train_and_evaluate(tiny_config(), str(blocker / "run"))

@@ -4,7 +4,7 @@ Appendix C: random shifts of up to 2 pixels for MNIST, shifts and horizontal fli
 CIFAR (the official code pads 4 pixels symmetrically and crops); classification inputs
 are MNIST scaled to ``[-0.5, 0.5]`` and CIFAR standardized by the training set's
 per-channel mean and standard deviation. Density models receive the raw grey levels and
-dequantize them inside the jitted step (``models.dequantize``).
+dequantize them inside the jitted step (``distributions.dequantize``).
 
 Every batch is a pure function of ``(seed, step)``: the order of an epoch is the
 permutation keyed by ``(seed, epoch)`` and the augmentation draws are keyed by
@@ -155,19 +155,19 @@ class TrainBatches:
         return {"image": x, "label": self.data.labels[idx]}
 
 
-def eval_batches(data: ImageData, batch_size: int, normalizer: Normalizer | None = None
-                 ) -> Iterator[dict[str, np.ndarray]]:
-    """All examples in order, in batches of exactly ``batch_size``; the last batch is padded
-    (by repeating its first example) and ``mask`` marks the real examples."""
+def padded_batches(arrays: dict[str, np.ndarray], batch_size: int
+                   ) -> Iterator[dict[str, np.ndarray]]:
+    """All examples in order, in batches of exactly ``batch_size`` (one compiled shape):
+    the last batch is padded by repeating its first example, and ``mask`` marks the real
+    examples."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    n = len(data)
+    n = len(next(iter(arrays.values())))
     for start in range(0, n, batch_size):
         idx = np.arange(start, min(start + batch_size, n))
         real = len(idx)
         if real < batch_size:
             idx = np.concatenate([idx, np.full(batch_size - real, idx[0])])
-        images = data.images[idx]
-        x = normalizer(images) if normalizer is not None else images.astype(np.float32)
-        mask = np.arange(batch_size) < real
-        yield {"image": x, "label": data.labels[idx], "mask": mask}
+        batch = {k: v[idx] for k, v in arrays.items()}
+        batch["mask"] = np.arange(batch_size) < real
+        yield batch

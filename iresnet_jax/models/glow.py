@@ -19,8 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iresnet_jax import flow, layers, utils
-from iresnet_jax.models.toy import DensityFlowMixin
+from iresnet_jax import flow, layers
 
 Array = jax.Array
 
@@ -50,8 +49,8 @@ class InvertibleLinear(nn.Module):
     @nn.compact
     def _weight(self, channels: int, dtype):
         def init_lu():
-            w = jnp.linalg.qr(utils.normal(self.make_rng("params"), (channels, channels),
-                                           dtype))[0]
+            w = jnp.linalg.qr(jax.random.normal(self.make_rng("params"), (channels, channels),
+                                                dtype))[0]
             p, lower, upper = jax.scipy.linalg.lu(w)
             return {"p": p, "l": lower, "u": upper}
 
@@ -90,15 +89,13 @@ class AffineCoupling(nn.Module):
         if xa.ndim == 2:
             h = xa
             for i, width in enumerate(self.hidden):
-                h = nn.elu(nn.Dense(width, kernel_init=utils.lecun_normal, name=f"dense{i}")(h))
+                h = nn.elu(nn.Dense(width, name=f"dense{i}")(h))
             out = nn.Dense(2 * out_channels, kernel_init=nn.initializers.zeros,
                            name="out")(h)
         else:
             width = self.hidden[0]
-            h = nn.relu(nn.Conv(width, (3, 3), kernel_init=utils.lecun_normal,
-                                name="conv0")(xa))
-            h = nn.relu(nn.Conv(width, (1, 1), kernel_init=utils.lecun_normal,
-                                name="conv1")(h))
+            h = nn.relu(nn.Conv(width, (3, 3), name="conv0")(xa))
+            h = nn.relu(nn.Conv(width, (1, 1), name="conv1")(h))
             out = nn.Conv(2 * out_channels, (3, 3), kernel_init=nn.initializers.zeros,
                           name="out")(h)
         shift, raw = out[..., :out_channels], out[..., out_channels:]
@@ -145,13 +142,14 @@ class GlowStep(nn.Module):
         return self.steps.inverse(y)
 
 
-class Glow(nn.Module, DensityFlowMixin):
+class Glow(flow.DensityFlow):
     """``n_steps`` Glow steps with a standard normal prior (toy densities, timing).
 
     Example:
       >>> model = Glow(n_steps=8)
       >>> variables = jax.jit(model.init)(jax.random.key(0), jnp.ones((16, 2)))
     """
+    dim: int = 2
     n_steps: int = 100
     hidden: Sequence[int] = (64, 64, 64)
     mixing: str = "reverse"
@@ -160,12 +158,14 @@ class Glow(nn.Module, DensityFlowMixin):
     def setup(self):
         self.flow = flow.BlockStack(GlowStep(hidden=tuple(self.hidden), mixing=self.mixing),
                                     n=self.n_steps, remat=self.remat)
+        self.prior = flow.DiagonalGaussianPrior(learn=False)
+
+    @property
+    def latent_dim(self) -> int:
+        return self.dim
 
     def __call__(self, x: Array, *, train: bool = False) -> tuple[Array, Array]:
         return self.flow(x, train=train)
 
     def inverse(self, z: Array) -> Array:
         return self.flow.inverse(z)
-
-    def sample(self, n: int, dim: int = 2) -> Array:
-        return DensityFlowMixin.sample(self, n, dim)

@@ -34,14 +34,11 @@ import os
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from iresnet_jax import lipschitz
 from iresnet_jax import logdet as logdet_lib
-from iresnet_jax.train import experiment, parallel, steps
-from iresnet_jax.train.checkpoint import Checkpointer
+from iresnet_jax.train import parallel, pipeline
 
 EVALUATION_FILE = "evaluation.json"
 
@@ -55,66 +52,6 @@ class BlockBound:
     dim: int
     norms: tuple[float, ...]
     how: tuple[str, ...]
-
-
-BOUNDS = ("auto", "dense", "power", "circular")
-DENSE_LIMIT = 4_000_000  # largest d_in * d_out for which "auto" builds the dense operator
-POWER_ITERATIONS = 1000
-
-
-def conv_operator_norm(kernel: np.ndarray, spatial_shape, padding: str = "SAME",
-                       bound: str = "auto", u: np.ndarray | None = None
-                       ) -> tuple[float, str]:
-    """Operator norm of a stride-1 conv (HWIO kernel) on inputs of ``spatial_shape``.
-
-    Returns ``(norm, how)``. ``how`` is one of
-
-    * ``"exact-1x1"``: a 1x1 conv, the largest singular value of its ``C_in x C_out``
-      matrix (exact at any size);
-    * ``"dense"``: the largest singular value of the dense operator matrix
-      (``lipschitz.conv_dense_matrix``), exact;
-    * ``"circular"``: exact for circular padding; for zero padding the norm of the circular
-      conv on the grid enlarged by ``kernel_size - 1`` (``lipschitz.conv_singular_values``),
-      a certified upper bound that is loose on small grids;
-    * ``"power"``: power iteration to convergence (``POWER_ITERATIONS`` steps from ``u``),
-      an estimate from below, not a certificate.
-
-    ``bound="auto"`` picks ``dense`` when ``d_in * d_out <= DENSE_LIMIT``, else ``power``.
-    All in float64.
-    """
-    if bound not in BOUNDS:
-        raise ValueError(f"bound must be one of {BOUNDS}, got {bound!r}")
-    kernel = np.asarray(kernel, np.float64)
-    kh, kw, c_in, c_out = kernel.shape
-    if kh == 1 and kw == 1:
-        return float(np.linalg.norm(kernel[0, 0], ord=2)), "exact-1x1"
-    h, w = (int(s) for s in spatial_shape)
-    if bound == "auto":
-        bound = "dense" if (h * w) ** 2 * c_in * c_out <= DENSE_LIMIT else "power"
-    with jax.enable_x64(True):
-        k = jnp.asarray(kernel)
-        if bound == "dense":
-            mat = np.asarray(lipschitz.conv_dense_matrix(k, (h, w), padding=padding))
-            return float(np.linalg.norm(mat, ord=2)), "dense"
-        if bound == "circular":
-            grid = (h, w) if padding == "CIRCULAR" else (h + kh - 1, w + kw - 1)
-            return float(jnp.max(lipschitz.conv_singular_values(k, grid))), "circular"
-        start = (np.ones((1, h, w, c_in)) if u is None else np.asarray(u, np.float64))
-        sigma, _ = lipschitz.conv_norm(k, jnp.asarray(start), POWER_ITERATIONS,
-                                       padding=padding)
-        return float(sigma), "power"
-
-
-def _effective_kernel(kernel: np.ndarray, u: np.ndarray, coeff: float,
-                      padding: str) -> np.ndarray:
-    """``W / max(1, sigma / c)`` with ``sigma = ||conv(u, W)||`` at the stored unit ``u``
-    (what the model uses at evaluation, where the spectral state is frozen)."""
-    with jax.enable_x64(True):
-        k = jnp.asarray(kernel, jnp.float64)
-        uu = jnp.asarray(u, jnp.float64)
-        uu = uu / jnp.maximum(jnp.linalg.norm(uu.ravel()), 1e-12)
-        sigma = jnp.linalg.norm(lipschitz.conv2d(uu, k, padding=padding).ravel())
-        return np.asarray(lipschitz.soft_normalize(k, sigma, coeff))
 
 
 def _branches(tree: Any, path: tuple = ()):
@@ -137,7 +74,7 @@ def _get(tree: Any, path: tuple):
 def block_lipschitz_bounds(params: Any, spectral: Any, *, coeff: float,
                            padding: str = "SAME", bound: str = "auto") -> list[BlockBound]:
     """``Lip(g_t) <= prod_i ||W_i||`` for every spectrally normalized conv branch in
-    ``params``, with each norm from ``conv_operator_norm(..., bound)``.
+    ``params``, with each norm from ``lipschitz.conv_operator_norm(..., bound)``.
 
     Scanned stacks (kernels with leading block axes) yield one bound per block.
     """
@@ -155,8 +92,9 @@ def block_lipschitz_bounds(params: Any, spectral: Any, *, coeff: float,
         for b in range(count):
             norms, hows = [], []
             for k, u in zip(kernels, us):
-                eff = _effective_kernel(k[b], u[b], coeff, padding)
-                norm, how = conv_operator_norm(eff, u[b].shape[1:3], padding, bound, u=u[b])
+                eff = lipschitz.effective_conv_kernel(k[b], u[b], coeff, padding)
+                norm, how = lipschitz.conv_operator_norm(eff, u[b].shape[1:3], padding,
+                                                         bound, u=u[b])
                 norms.append(norm)
                 hows.append(how)
             dim = int(np.prod(us[0][b].shape[1:]))
@@ -203,29 +141,6 @@ def terms_for_model_bias(bounds: list[BlockBound], tol: float, max_terms: int = 
     return hi
 
 
-def restore(workdir: str) -> dict[str, Any]:
-    """Config, data, model and the latest checkpoint's variables of a training workdir."""
-    path = os.path.join(workdir, experiment.CONFIG_FILE)
-    if not os.path.exists(path):
-        raise ValueError(f"{workdir!r} has no {experiment.CONFIG_FILE}: not a training "
-                         "workdir of experiments/train.py")
-    with open(path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    train_data, test_data = experiment.load_data(config)
-    model = experiment.build_model(config, train_data)
-    normalizer = experiment.normalizer_for(config, train_data)
-    tx = experiment.make_tx(config, train_data)
-    x_init = experiment.init_batch(config, train_data, normalizer)
-    checkpointer = Checkpointer(workdir)
-    if checkpointer.latest_step() is None:
-        raise ValueError(f"no checkpoint in {workdir!r}/checkpoints")
-    state = checkpointer.restore(experiment.abstract_state(config, model, x_init, tx))
-    checkpointer.close()
-    return dict(config=config, train_data=train_data, test_data=test_data, model=model,
-                normalizer=normalizer, params=state.params, model_state=state.model_state,
-                step=int(state.step))
-
-
 def hutchinson_passes(run_pass: Callable[[int], float], *, se_tol: float, min_passes: int = 2,
                       max_passes: int = 100) -> dict[str, Any]:
     """Calls ``run_pass(k)`` (one Monte Carlo estimate) until the standard error of the
@@ -248,34 +163,33 @@ def hutchinson_passes(run_pass: Callable[[int], float], *, se_tol: float, min_pa
 
 def evaluate_workdir(workdir: str, *, bias_tol: float = 1e-4, se_tol: float = 1e-4,
                      n_samples: int = 1, min_passes: int = 2, max_passes: int = 100,
-                     bound: str = "auto",
-                     batch_size: int | None = None, devices=None,
+                     bound: str = "auto", batch_size: int | None = None,
                      print_fn: Callable[[str], None] = print) -> dict[str, Any]:
-    """Evaluates the latest checkpoint of a workdir on the test split.
+    """Evaluates the newest checkpoint of a workdir on its test set.
 
-    Classification: accuracy and cross-entropy. Density: the bits/dim protocol of this
-    module's docstring. Writes ``<workdir>/evaluation.json`` and returns the same dict.
+    Toy densities: the test NLL; classifiers: accuracy and cross-entropy; image density
+    models: the bits/dim protocol of this module's docstring. Writes
+    ``<workdir>/evaluation.json`` and returns the same dict.
     """
-    r = restore(workdir)
-    config, model, test = r["config"], r["model"], r["test_data"]
-    mesh = parallel.make_mesh(devices)
-    batch_size = batch_size or config.eval_batch_size
-    parallel.check_batch_size(batch_size, mesh, "batch_size")
+    r = pipeline.restore(workdir)
+    config, model, task = r.config, r.model, r.task
+    if batch_size:
+        config.eval_batch_size = int(batch_size)
+    mesh = parallel.make_mesh()
+    parallel.check_batch_size(config.eval_batch_size, mesh, "batch_size")
     key = jax.random.fold_in(jax.random.key(config.seed), 3)
-    out: dict[str, Any] = {"workdir": os.path.abspath(workdir), "step": r["step"],
-                           "task": config.task, "dataset": test.name,
-                           "test_examples": len(test)}
-    if config.task == "classification":
-        metrics = experiment.evaluate(model, "classification", r["params"], r["model_state"],
-                                      test, batch_size=batch_size,
-                                      normalizer=r["normalizer"], mesh=mesh, key=key)
-        out.update(accuracy=metrics["accuracy"], loss=metrics["loss"])
-        print_fn(f"test accuracy {metrics['accuracy']:.4f} (loss {metrics['loss']:.4f}) "
-                 f"on {len(test)} images")
+    out: dict[str, Any] = {"workdir": os.path.abspath(workdir), "step": r.step,
+                           "task": config.task, "dataset": task.name}
+    variables = r.variables
+    if config.task != "density":
+        step = jax.jit(pipeline.make_eval_step(model, task))
+        out.update(pipeline.evaluate(task, variables, key, step, mesh))
+        print_fn(f"{task.metric} {out[task.metric]:.4f} at step {r.step}")
     else:
-        coeff = model.coeff
-        bounds = block_lipschitz_bounds(r["params"], r["model_state"]["spectral"],
-                                        coeff=coeff, padding=model.padding, bound=bound)
+        test = task.test
+        bounds = block_lipschitz_bounds(variables["params"], variables["spectral"],
+                                        coeff=model.coeff, padding=model.padding,
+                                        bound=bound)
         hows = [h for b in bounds for h in b.how]
         how_counts = {h: hows.count(h) for h in sorted(set(hows))}
         nats_per_bpd = test.dim * math.log(2.0)
@@ -283,35 +197,31 @@ def evaluate_workdir(workdir: str, *, bias_tol: float = 1e-4, se_tol: float = 1e
         bias = model_bias_bound(bounds, n_terms) / nats_per_bpd
         print_fn(f"{len(bounds)} blocks, Lip(g) <= product of conv norms in "
                  f"[{min(b.lipschitz for b in bounds):.4f}, "
-                 f"{max(b.lipschitz for b in bounds):.4f}] (c^3 = {coeff ** 3:.4f}; conv "
-                 f"norms: {how_counts}); {n_terms} series terms give a bias bound of "
+                 f"{max(b.lipschitz for b in bounds):.4f}] (c^3 = {model.coeff ** 3:.4f}; "
+                 f"conv norms: {how_counts}); {n_terms} series terms give a bias bound of "
                  f"{bias:.2e} bits/dim")
-        # Evaluation uses the truncated series whatever the training estimator was: the
-        # bias bound above is for n_terms terms.
-        eval_model = experiment.build_model(config, r["train_data"], n_terms=n_terms,
-                                            n_samples=n_samples, logdet_method="series",
-                                            logdet_gradient="autodiff", logdet_mode="auto")
-        eval_step = jax.jit(steps.make_eval_step(eval_model, "density", n_bins=test.n_bins,
-                                                 dim=test.dim))
+        # The truncated series whatever trained: the bias bound is for n_terms terms.
+        eval_model = model.clone(logdet=logdet_lib.LogDetConfig(
+            "series", n_terms=n_terms, n_samples=n_samples, mode="auto"))
+        step = jax.jit(pipeline.make_eval_step(eval_model, task))
 
         def run_pass(k: int) -> float:
-            m = experiment.evaluate(eval_model, "density", r["params"], r["model_state"],
-                                    test, batch_size=batch_size, normalizer=None, mesh=mesh,
-                                    key=jax.random.fold_in(key, k), eval_step=eval_step)
-            print_fn(f"pass {k + 1}: {m['bits_per_dim']:.5f} bits/dim")
-            return m["bits_per_dim"]
+            m = pipeline.evaluate(task, variables, jax.random.fold_in(key, k), step, mesh)
+            print_fn(f"pass {k + 1}: {m['test_bits_per_dim']:.5f} bits/dim")
+            return m["test_bits_per_dim"]
 
         result = hutchinson_passes(run_pass, se_tol=se_tol, min_passes=min_passes,
                                    max_passes=max_passes)
-        out.update(bits_per_dim=result["estimate"], standard_error=result["standard_error"],
-                   bias_bound=bias, n_terms=n_terms, bias_tol=bias_tol, se_tol=se_tol,
+        out.update(test_bits_per_dim=result["estimate"],
+                   standard_error=result["standard_error"], bias_bound=bias,
+                   n_terms=n_terms, bias_tol=bias_tol, se_tol=se_tol,
                    passes=result["passes"], se_target_met=result["se_target_met"],
                    per_pass=result["per_pass"], probes_per_example_per_pass=n_samples,
-                   lipschitz_bound=("product of the operator norms of the effective "
-                                    "convs of each branch"), conv_norms=how_counts,
-                   block_lipschitz=[b.lipschitz for b in bounds])
-        print_fn(f"test bits/dim {result['estimate']:.5f} +- {result['standard_error']:.1e} "
-                 f"(standard error, {result['passes']} passes), bias <= {bias:.1e}")
-    with open(os.path.join(workdir, EVALUATION_FILE), "w") as f:
-        json.dump(out, f, indent=1)
+                   conv_norms=how_counts, block_lipschitz=[b.lipschitz for b in bounds])
+        print_fn(f"test bits/dim {result['estimate']:.5f} +- "
+                 f"{result['standard_error']:.1e} (standard error, {result['passes']} "
+                 f"passes), bias <= {bias:.1e}")
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, EVALUATION_FILE), "w") as f:
+            json.dump(out, f, indent=1)
     return out

@@ -37,8 +37,7 @@ def run(*, state: TrainState, train_step: Callable[[TrainState, Any], tuple[Trai
         writer: MetricWriter | None = None, log_every: int = 100,
         checkpoint_every: int = 1000, eval_every: int | None = None,
         eval_fn: Callable[[TrainState], Mapping[str, float]] | None = None,
-        print_fn: Callable[[str], None] = print, restore: bool = True
-        ) -> tuple[TrainState, dict]:
+        print_fn: Callable[[str], None] = print) -> tuple[TrainState, dict]:
     """Trains ``state`` up to ``num_steps`` steps, resuming from ``checkpointer``.
 
     Args:
@@ -53,8 +52,6 @@ def run(*, state: TrainState, train_step: Callable[[TrainState, Any], tuple[Trai
       log_every, checkpoint_every, eval_every: intervals in steps.
       eval_fn: ``state -> scalars``, called every ``eval_every`` steps and at the end.
       print_fn: where progress lines go.
-      restore: resume from ``checkpointer``'s latest checkpoint first (``False``: the
-        caller has restored ``state`` itself, e.g. to share it with other processes).
 
     Returns:
       ``(state, summary)`` with the final metrics, the last evaluation, steps run in this
@@ -65,7 +62,7 @@ def run(*, state: TrainState, train_step: Callable[[TrainState, Any], tuple[Trai
     """
     if num_steps <= 0:
         raise ValueError(f"num_steps must be positive, got {num_steps}")
-    if checkpointer is not None and restore:
+    if checkpointer is not None:
         state = restore_latest(checkpointer, state, print_fn)
     start = int(state.step)
     progress = Progress(num_steps, start)

@@ -1,9 +1,4 @@
-"""Invertible layers without a Lipschitz constraint, and smooth 1-Lipschitz activations.
-
-Every invertible module follows the flow protocol:
-
-* ``__call__(x, *, train=False) -> (y, log_det)`` with ``log_det`` of shape ``(batch,)``;
-* ``inverse(y) -> x``.
+"""Invertible layers without a Lipschitz constraint (flow protocol).
 
 ``ActNorm`` initializes from data at ``model.init`` (Glow). ``Squeeze`` is space-to-depth
 with the channel order ``[dy, dx, c]`` of the official i-ResNet code: output channel
@@ -14,89 +9,11 @@ channels into the part that continues through the flow and the part that leaves 
 
 from __future__ import annotations
 
-from typing import Callable
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 Array = jax.Array
-
-
-# --------------------------------------------------------------------------------------
-# Activations: smooth (continuous derivative, needed to train through the log-det) and
-# 1-Lipschitz.
-
-@jax.custom_jvp
-def _exp_nonpositive(x: Array) -> Array:
-    """``exp(min(x, 0))``, with its derivative (``exp(x)`` for ``x < 0``, else ``0``)
-    written out, so that every order reuses the value instead of differentiating
-    ``minimum``."""
-    return jnp.exp(jnp.minimum(x, 0.0))
-
-
-@_exp_nonpositive.defjvp
-def _exp_nonpositive_jvp(primals, tangents):
-    (x,), (dx,) = primals, tangents
-    e = _exp_nonpositive(x)
-    return e, jnp.where(x > 0, jnp.zeros_like(e), e) * dx
-
-
-@jax.custom_jvp
-def elu(x: Array) -> Array:
-    """ELU, 1-Lipschitz with continuous first derivative.
-
-    A ``custom_jvp``: the derivative is ``where(x > 0, 1, e)`` with ``e = exp(min(x, 0))``
-    shared with the value, and ``e``'s own derivative is written out the same way. What
-    autodiff derives from the formula instead (the transposes of ``where`` and
-    ``minimum``) adds selects against zero arrays and extra products at every order, and
-    the log-det series differentiates the branch two and three times: on the ANCHORS.md
-    density model's 5-term log-det training step XLA's count of bytes accessed fell from
-    3.0e9 to 2.5e9 and its selects from 183 to 101 with this rule. Measured on this
-    model (2-core x86 CPU, ``python -m benchmarks.ab``, interleaved rounds, both orders):
-    log-det training step 0.238-0.267 -> 0.190-0.223 s (16-21% faster), Neumann-gradient
-    step 0.153 -> 0.127 s, compile 2-6 s shorter (docs/speed.md, "ELU's derivative written
-    out"); the loss is identical and the gradients agree to float32 rounding. The step
-    without log-det and the classifier's step (first derivatives only) are unchanged.
-    """
-    return jnp.where(x > 0, x, _exp_nonpositive(x) - 1.0)
-
-
-@elu.defjvp
-def _elu_jvp(primals, tangents):
-    (x,), (dx,) = primals, tangents
-    e = _exp_nonpositive(x)
-    return jnp.where(x > 0, x, e - 1.0), jnp.where(x > 0, jnp.ones_like(e), e) * dx
-
-
-def softplus(x: Array) -> Array:
-    """Softplus, 1-Lipschitz and smooth."""
-    return jax.nn.softplus(x)
-
-
-def lipswish(x: Array, beta: Array | float = 1.0) -> Array:
-    """LipSwish ``x * sigmoid(beta x) / 1.1`` (Chen et al., 2019): 1-Lipschitz for beta > 0."""
-    return x * jax.nn.sigmoid(beta * x) / 1.1
-
-
-ACTIVATIONS = ("elu", "softplus", "lipswish", "relu", "tanh")
-
-
-def activation_fn(name: str) -> Callable[..., Array]:
-    """The activation called ``name``; LipSwish takes ``beta`` as a second argument.
-
-    ReLU is accepted for the non-invertible baselines only: its derivative jumps, which
-    makes the gradient of the log-det estimator ill-defined (appendix C.3).
-    """
-    table = {"elu": elu, "softplus": softplus, "lipswish": lipswish, "relu": jax.nn.relu,
-             "tanh": jnp.tanh}
-    if name not in table:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
-    return table[name]
-
-
-# --------------------------------------------------------------------------------------
-# Layers.
 
 
 def _zeros_logdet(x: Array) -> Array:
