@@ -1,98 +1,70 @@
-"""Benchmark of the Neumann-series log-det gradient (issue 6: Residual Flows estimators).
+"""The log-det gradient: differentiating through the series against the Neumann series.
 
-The ANCHORS.md density block: input 64x14x14x4, ActNorm, then a spectrally normalized conv
-branch 3x3 -> 1x1 -> 3x3 of width 32, c = 0.9, ELU, 5 power iterations per training call,
-one Gaussian Hutchinson probe. Times the gradient of the loss
-``mean(0.5 |y|^2 - log_det)`` (standard-normal prior minus log-det) with respect to the
-parameters, differentiating through the series (``gradient="autodiff"``) against the
-Neumann-series gradient (``gradient="neumann"``), for the 5-term series and for the
-Russian-roulette estimator (geometric p = 0.5, 2 exact terms, at most 20), and reports
-XLA's memory estimate of each compiled step (``compiled.memory_analysis()``). The
-10- and 20-term series show how memory grows with the number of terms.
+The block of ``benchmarks.block`` (input 64x14x14x4, ActNorm, spectrally normalized
+branch 3x3 -> 1x1 -> 3x3 of width 32, c = 0.9, ELU, 5 power iterations per training
+call, one Gaussian Hutchinson probe). Times the gradient of ``mean(|y|^2 / 2 - log_det)``
+with respect to the parameters with ``gradient="autodiff"`` and ``gradient="neumann"``
+(each series in its ``mode="auto"``), for the 5-term series and, without ``--quick``,
+the 10- and 20-term series (memory grows with the terms) and the Russian-roulette
+estimator (geometric p = 0.5, 2 exact terms, at most 20). Per estimator and gradient:
+median and min seconds, compile seconds, XLA's GFLOP and memory estimate
+(``*.memory``: ``temp_gib`` and the rest of ``compiled.memory_analysis()``), the loss.
 
-    python -m benchmarks.neumann            # full table (about a minute on 2 CPU cores)
-    python -m benchmarks.neumann --quick    # the two 5-term series rows only
+    python -m benchmarks.neumann            # every estimator (about a minute on 2 cores)
+    python -m benchmarks.neumann --quick    # the 5-term series only
 
-Prints one JSON object; nothing is asserted.
+Writes ``benchmarks/results/neumann.json``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
-
 import jax
-import jax.numpy as jnp
 
-from benchmarks.timing import compile_and_time
-from iresnet_jax import blocks, logdet
-from iresnet_jax import runtime
+from benchmarks import common
+from benchmarks.block import (COEFF, N_POWER_ITER, add_block_arguments, block_setup,
+                              make_block, training_loss)
+from iresnet_jax import logdet
 
-
-def _memory(fn, *args) -> dict[str, int | None]:
-    compiled = jax.jit(fn).lower(*args).compile()
-    try:
-        mem = compiled.memory_analysis()
-    except Exception:  # not every backend implements it
-        mem = None
-    if mem is None:
-        return {"temp_bytes": None, "argument_bytes": None, "output_bytes": None}
-    return {"temp_bytes": int(mem.temp_size_in_bytes),
-            "argument_bytes": int(mem.argument_size_in_bytes),
-            "output_bytes": int(mem.output_size_in_bytes)}
+ESTIMATORS = {"series5": dict(method="series", n_terms=5),
+              "series10": dict(method="series", n_terms=10),
+              "series20": dict(method="series", n_terms=20),
+              "roulette": dict(method="roulette", n_exact=2, max_terms=20)}
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="only the 5-term series rows")
+def main(argv=None) -> dict:
+    common.setup(argv)
+    parser = common.parser(__doc__)
+    add_block_arguments(parser)
+    parser.add_argument("--quick", action="store_true", help="only the 5-term series")
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args(argv)
-
-    x = jax.random.normal(jax.random.key(0), (64, 14, 14, 4))
-    results = {"backend": jax.default_backend(), "devices": len(jax.devices()),
-               "machine": platform.machine(), "shape": list(x.shape), "width": 32,
-               "coeff": 0.9, "n_power_iter": 5, "probe": "gaussian", "n_samples": 1}
-
-    def make(cfg):
-        return blocks.InvertibleBlock(blocks.ConvBranch(hidden=32, coeff=0.9, n_power_iter=5),
-                                      logdet=cfg)
-
-    variables = jax.jit(make(logdet.LogDetConfig("none")).init)(jax.random.key(1), x)
+    x, settings = block_setup(args)
+    results: dict = {**settings, "coeff": COEFF, "n_power_iter": N_POWER_ITER,
+                     "probe": "gaussian", "n_samples": 1, "repeats": args.repeats}
+    variables = jax.jit(make_block(settings, logdet.LogDetConfig("none")).init)(
+        jax.random.key(1), x)
     rngs = {"logdet": jax.random.key(2)}
-
-    configs = {"series5": logdet.LogDetConfig("series", n_terms=5)}
-    if not args.quick:
-        configs["series10"] = logdet.LogDetConfig("series", n_terms=10)
-        configs["series20"] = logdet.LogDetConfig("series", n_terms=20)
-        configs["roulette"] = logdet.LogDetConfig("roulette", n_exact=2, max_terms=20)
-
-    for name, base in configs.items():
+    names = ["series5"] if args.quick else list(ESTIMATORS)
+    for name in names:
         for gradient in ("autodiff", "neumann"):
-            model = make(logdet.LogDetConfig(**{**base.__dict__, "gradient": gradient}))
-
-            def loss(params, spectral, x, model=model):
-                (y, ld), state = model.apply({"params": params, "spectral": spectral}, x,
-                                             train=True, rngs=rngs, mutable=["spectral"])
-                prior = 0.5 * jnp.sum(y ** 2, axis=(1, 2, 3))
-                return jnp.mean(prior - ld), state
-
-            grad_fn = jax.value_and_grad(loss, has_aux=True)
-            fargs = (variables["params"], variables["spectral"], x)
-            r = compile_and_time(grad_fn, *fargs, repeats=args.repeats)
+            cfg = logdet.LogDetConfig(**ESTIMATORS[name], mode="auto", gradient=gradient)
+            grad_fn = jax.value_and_grad(training_loss(make_block(settings, cfg), rngs),
+                                         has_aux=True)
+            r = common.compile_and_time(grad_fn, variables["params"], variables["spectral"],
+                                        x, repeats=args.repeats)
             key = f"{name}.{gradient}"
-            results[key] = r["median"]
-            results[f"{key}.min"] = r["min"]
-            results[f"{key}.compile"] = r["compile"]
-            results[f"{key}.gflop"] = (r["flops"] or 0.0) / 1e9
-            results[f"{key}.loss"] = float(r["output"][0][0])
-            results[f"{key}.memory"] = _memory(grad_fn, *fargs)
+            results.update({key: r["median"], f"{key}.min": r["min"],
+                            f"{key}.compile": r["compile"], f"{key}.mode": cfg.mode,
+                            f"{key}.gflop": (r["flops"] or 0.0) / 1e9,
+                            f"{key}.loss": float(r["output"][0][0]),
+                            f"{key}.memory": common.memory_analysis(r["compiled"])})
         results[f"{name}.ratio_neumann_to_autodiff"] = (results[f"{name}.neumann"]
                                                         / results[f"{name}.autodiff"])
-    results["roulette.expected_terms"] = logdet.LogDetConfig("roulette").expected_terms
-    print(json.dumps(results, indent=1))
+    results["roulette.expected_terms"] = logdet.LogDetConfig(
+        **ESTIMATORS["roulette"]).expected_terms
+    common.write("neumann", results, common.command("neumann", argv), args.results_dir)
+    return results
 
 
 if __name__ == "__main__":
-    runtime.relaunch_with_hugepages()  # huge pages for XLA's buffers, see runtime.py
     main()

@@ -1,59 +1,52 @@
-"""Times the official PyTorch i-ResNet at the ANCHORS.md configuration, on this machine.
+"""Times the official PyTorch i-ResNet at the reference configuration, on this machine.
 
-ANCHORS.md gives the reference's times as measured on another 2-core machine. To compare
-ratios from one session on one machine, this script builds the same two models from a
-local checkout of the official code (github.com/jhjacobsen/invertible-resnet; not part of
-this project, and not downloaded by it) and times the ANCHORS.md functions the way
-``benchmarks.anchor`` times ours. It prints one JSON object with the same keys
-(``density.forward``, ``density.train``, ``density.train_logdet``, ``density.inverse20``,
-``classifier.forward``, ``classifier.train``, ``classifier.inverse20``; medians of
-``--repeats`` calls after ``--warmup``), ``*.min``, the inverses' max reconstruction
-errors, parameter counts, and a float32 1024x1024 matmul rate through torch.
-``python -m benchmarks.anchor --reference FILE`` then reports our times as fractions of
-these (``ratio_measured.*``) beside the ANCHORS.md ratios.
+docs/reference.md gives the official code's times as measured on another 2-core machine
+(``benchmarks/reference.json``). To compare ratios from one machine, this script builds
+the same two models from a local checkout of the official code
+(github.com/jhjacobsen/invertible-resnet; not part of this project, and not downloaded by
+it) and times them the way ``benchmarks.anchor`` times ours: ``density.forward``,
+``density.train``, ``density.train_logdet``, ``density.inverse20``,
+``classifier.forward``, ``classifier.train``, ``classifier.inverse20`` (medians of
+``--repeats`` calls after ``--warmup``, with ``*.min``), the inverses' max reconstruction
+errors, the parameter counts (checked against 51,680 and 214,650) and a float32
+1024x1024 matmul rate through torch. ``python -m benchmarks.anchor --reference
+benchmarks/results/reference_torch.json`` then reports our times as fractions of these.
+This script does not import JAX.
 
-Needs ``torch`` (ANCHORS.md used 2.13, CPU build; not a dependency of this project) and
-the checkout::
+Needs ``torch`` (not a dependency of this project; the reference times used 2.13, CPU
+build) and the checkout::
 
-    python -m benchmarks.reference_torch --repo /path/to/invertible-resnet --output ref.json
-    python -m benchmarks.anchor --reference ref.json
+    python -m benchmarks.reference_torch --repo /path/to/invertible-resnet
 
-The checkout needs small fixes to run on current PyTorch and NumPy (as found on
-2026-11-29): ``matrix_utils.py`` imports ``zero_gradients`` from
-``torch.autograd.gradcheck`` (removed in PyTorch 1.9; only its exact-trace function uses
-it, so guard the import) and calls ``np.float`` (removed in NumPy 1.24; use ``float``).
-Older revisions of ``models/conv_iResNet.py`` also pass a stray ``clipping`` argument in
-the multiscale model's ``_make_stack`` methods (removed upstream in a later commit). The
-script checks that the models have the ANCHORS.md parameter counts (51,680 and 214,650)
-and reports them.
+The checkout needs small fixes to run on current PyTorch and NumPy: ``matrix_utils.py``
+imports ``zero_gradients`` from ``torch.autograd.gradcheck`` (removed in PyTorch 1.9;
+only its exact-trace function uses it, so guard the import) and calls ``np.float``
+(removed in NumPy 1.24; use ``float``). Older revisions of ``models/conv_iResNet.py`` also
+pass a stray ``clipping`` argument in the multiscale model's ``_make_stack`` methods.
 
-The models (ANCHORS.md): density, ``multiscale_conv_iResNet((1, 28, 28), [4, 4, 4],
-[1, 2, 1], [32, 32, 32], init_squeeze=True, coeff=0.9, density_estimation=True,
-numTraceSamples=1, numSeriesTerms=5, n_power_iter=5, actnorm=True, learn_prior=True,
-nonlin="elu")``; classifier, ``conv_iResNet((1, 28, 28), [4, 4, 4], [1, 2, 2], [32, 32,
-32], init_ds=1, inj_pad=3, coeff=0.9, nClasses=10, n_power_iter=5, actnorm=True,
-nonlin="elu")``. Training steps are ``zero_grad`` + training forward (5 power iterations
-per spectrally normalized conv) + loss + ``backward``, without the optimizer update, as
-``benchmarks.anchor`` times ours; the evaluation forward runs in ``eval()`` mode under
-``no_grad`` without the log-det; the inverses run 20 fixed-point iterations per block.
-Nothing is asserted.
+The models: density, ``multiscale_conv_iResNet((1, 28, 28), [4, 4, 4], [1, 2, 1],
+[32, 32, 32], init_squeeze=True, coeff=0.9, density_estimation=True, numTraceSamples=1,
+numSeriesTerms=5, n_power_iter=5, actnorm=True, learn_prior=True, nonlin="elu")``;
+classifier, ``conv_iResNet((1, 28, 28), [4, 4, 4], [1, 2, 2], [32, 32, 32], init_ds=1,
+inj_pad=3, coeff=0.9, nClasses=10, n_power_iter=5, actnorm=True, nonlin="elu")``.
+Training steps are ``zero_grad`` + training forward (5 power iterations per spectrally
+normalized conv) + loss + ``backward``, without the optimizer update; the evaluation
+forward runs in ``eval()`` mode under ``no_grad`` without the log-det; the inverses run 20
+fixed-point iterations per block. ``--serve`` is the worker mode of
+``benchmarks.side_by_side``. Writes ``benchmarks/results/reference_torch.json``.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
 import os
-import platform
-import statistics
 import sys
-import time
 
 import numpy as np
 
-from benchmarks import report
+from benchmarks import common
 
 BATCH = 64
 N_BINS = 256
@@ -61,30 +54,13 @@ DIM = 28 * 28
 PARAMS = {"density": 51_680, "classifier": 214_650}
 
 
-def _time(fn, repeats: int, warmup: int) -> dict:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return {"median": statistics.median(times), "min": min(times)}
-
-
 def _matmul_gflops(torch, n: int = 1024, repeats: int = 10) -> float:
     a = torch.randn(n, n)
-    a @ a
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ a
-        times.append(time.perf_counter() - t0)
-    return 2 * n ** 3 / statistics.median(times) / 1e9
+    return 2 * n ** 3 / common.timed(lambda: a @ a, repeats, warmup=1)["median"] / 1e9
 
 
 def build(repo: str):
-    """The two ANCHORS.md models from the checkout at ``repo``."""
+    """The two models of the reference configuration from the checkout at ``repo``."""
     sys.path.insert(0, os.path.abspath(repo))
     from models.conv_iResNet import conv_iResNet, multiscale_conv_iResNet
     density = multiscale_conv_iResNet(
@@ -109,7 +85,8 @@ def inputs(torch):
 
 
 def functions(repo: str, torch) -> tuple[dict, dict]:
-    """``({key: zero-argument callable}, info)`` for the ANCHORS.md keys, on the models of
+    """``({key: zero-argument callable}, info)`` for the keys of ``benchmarks.anchor``
+    that the official code has, on the models of
     the checkout at ``repo``; ``info`` has the parameter counts and, per inverse, a
     callable returning its max reconstruction error."""
     import torch.nn.functional as F
@@ -121,7 +98,7 @@ def functions(repo: str, torch) -> tuple[dict, dict]:
         n = sum(p.numel() for p in model.parameters())
         info[f"{name}.params"] = n
         if n != PARAMS[name]:
-            print(f"warning: the {name} model has {n:,} parameters, ANCHORS.md's has "
+            print(f"warning: the {name} model has {n:,} parameters, the reference's has "
                   f"{PARAMS[name]:,}", file=sys.stderr)
     bits = DIM * math.log(2.0)
 
@@ -147,11 +124,11 @@ def functions(repo: str, torch) -> tuple[dict, dict]:
         logits, _ = classifier(x)
         F.cross_entropy(logits, labels).backward()
 
-    # ActNorm initializes from its first batch (here in an evaluation forward, as in the
-    # first version of this script). The inverses start from latents computed at their
-    # first call, i.e. after the keys timed before them: the reference's inverse times
-    # depend on the process's history (0.55-1.6 s for the density model's, within one
-    # process, on 2026-11-29), and this order gave its fastest ones.
+    # ActNorm initializes from its first batch (here in an evaluation forward). The
+    # inverses start from latents computed at their first call, i.e. after the keys timed
+    # before them: the official code's inverse times depend on the process's history (the
+    # density model's varied about 3-fold within one process), and this order gave its
+    # fastest ones.
     evaluate(density, lambda: density(x, ignore_logdet=True)[0])()
     evaluate(classifier, lambda: classifier(x)[0])()
     latents: dict = {}
@@ -182,13 +159,12 @@ def functions(repo: str, torch) -> tuple[dict, dict]:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = common.parser(__doc__)
     parser.add_argument("--repo", required=True,
                         help="a local checkout of github.com/jhjacobsen/invertible-resnet")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--output", default=None, help="also write the JSON here")
     parser.add_argument("--serve", action="store_true",
                         help="worker mode for benchmarks.side_by_side: read lines 'KEY N' "
                              "on stdin, answer each with a JSON list of N call times")
@@ -197,20 +173,18 @@ def main(argv=None) -> dict:
     if args.serve:
         return serve(args.repo, torch)
     results: dict = {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                     "batch": BATCH, "machine": platform.machine(),
-                     "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-                     "load_average_before": list(os.getloadavg())}
-    results["matmul_gflops"] = _matmul_gflops(torch)
+                     "batch": BATCH, "repeats": args.repeats, "warmup": args.warmup,
+                     "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
+                     "matmul_gflops": _matmul_gflops(torch)}
     fns, info = functions(args.repo, torch)
     for key, fn in fns.items():
-        r = _time(fn, args.repeats, args.warmup)
-        results[key] = r["median"]
-        results[f"{key}.min"] = r["min"]
+        r = common.timed(fn, args.repeats, args.warmup)
+        results[key], results[f"{key}.min"] = r["median"], r["min"]
         print(f"{key}: {r['median']:.4f} s (min {r['min']:.4f})", file=sys.stderr)
     for key, value in info.items():
         results[key] = value() if callable(value) else value
-    results["load_average_after"] = list(os.getloadavg())
-    report.emit(results, args.output)
+    common.write("reference_torch", results, common.command("reference_torch", argv),
+                 args.results_dir)
     return results
 
 
@@ -223,12 +197,7 @@ def serve(repo: str, torch) -> dict:
     print(json.dumps({**info, "matmul_gflops": _matmul_gflops(torch)}), flush=True)
     for line in sys.stdin:
         key, n = line.split()
-        times = []
-        for _ in range(int(n)):
-            t0 = time.perf_counter()
-            fns[key]()
-            times.append(time.perf_counter() - t0)
-        print(json.dumps(times), flush=True)
+        print(json.dumps(common.timed(fns[key], int(n))["times"]), flush=True)
     return info
 
 

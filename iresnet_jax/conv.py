@@ -13,7 +13,8 @@
 A unit-stride 1x1 kernel is a product over the channels in every implementation.
 Which implementation is faster depends on the shapes and the backend; the measured
 choices for CPUs live in ``iresnet_jax.tuning``. ``conv_dense_matrix`` gives the dense
-matrix of the operator (tests, certificates).
+matrix of the operator (tests, certificates); ``materialize`` is an exact identity that
+XLA computes once.
 """
 
 from __future__ import annotations
@@ -106,9 +107,11 @@ def conv2d_patches(x: Array, kernel: Array, *, padding: str = "SAME",
     return out.reshape(n, h, w, c_out)
 
 
-def _materialize(x: Array) -> Array:
-    """``x`` exactly (a product with the identity at full precision), computed once: XLA
-    never fuses a dot into its consumers, so they do not each recompute ``x``."""
+def materialize(x: Array) -> Array:
+    """``x`` exactly (a product with the identity over the last axis, at full precision),
+    computed once: XLA never fuses a dot into its consumers, so they do not each recompute
+    the elementwise work that produced ``x`` (``lax.optimization_barrier`` does not stop
+    that fusion on XLA:CPU)."""
     eye = jnp.eye(x.shape[-1], dtype=x.dtype)
     return jnp.einsum("...c,cd->...d", x, eye, precision=lax.Precision.HIGHEST)
 
@@ -136,7 +139,7 @@ def conv2d_col2im(x: Array, kernel: Array, *, precision: Any = None) -> Array:
             shifted = lax.pad(parts[a * kw + b], zero,
                               [(0, 0, 0), (-da, da, 0), (-db, db, 0), (0, 0, 0)])
             out = shifted if out is None else out + shifted
-    return _materialize(out)
+    return materialize(out)
 
 
 def _lax_conv_jvp(value_fn, precision, primals, tangents):

@@ -21,9 +21,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
-
-from iresnet_jax import distributions
+from iresnet_jax import conv, distributions
 
 Array = jax.Array
 
@@ -73,8 +71,8 @@ class BlockStack(nn.Module):
       n: number of blocks (>= 1).
       remat: rematerialize each block in the backward pass (``jax.checkpoint``).
       unroll: blocks per iteration of the compiled loop (``lax.scan``'s ``unroll``). When
-        unrolled, each block's output passes an ``optimization_barrier``, so XLA does not
-        fuse the whole residual stream of earlier blocks into every consumer.
+        unrolled, each block's output is materialized (``conv.materialize``), so XLA does
+        not fuse the residual stream of all earlier blocks into every consumer.
       hoist: run every block's ``prepare`` (spectral normalization, which depends only on
         the input's shape) at once, vmapped over the stacked parameters, before the scan.
     """
@@ -107,7 +105,7 @@ class BlockStack(nn.Module):
     def __call__(self, x: Array, *, train: bool = False) -> tuple[Array, Array]:
         self._check()
         prepared = self._prepare_all(x, train)
-        finish = lax.optimization_barrier if self.unroll > 1 else (lambda y: y)
+        finish = conv.materialize if self.unroll > 1 else (lambda y: y)
 
         def body(block, carry, prep):
             kw = {} if prep is None else {"prepared": prep}

@@ -10,6 +10,11 @@ import tempfile  # noqa: E402
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+from iresnet_jax import tuning  # noqa: E402
+
+# The CPU settings the binaries use (no restart: pytest's processes keep running).
+tuning.setup(relaunch=False)
+
 # Many tests compile the same programs (same model, fresh closures): a persistent
 # compilation cache shared by the test processes turns the repeats into cache hits.
 jax.config.update("jax_compilation_cache_dir",

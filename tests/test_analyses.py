@@ -1,4 +1,4 @@
-"""The paper's analyses (experiments/analyses.py, iresnet_jax/analysis.py) at tiny settings.
+"""The paper's analyses (the ``experiments.analyses`` package) at tiny settings.
 
 Each analysis runs end to end through ``analyses.run`` and writes its files. Tiny models
 (one block per stage, 4 channels) are shared by module-scoped fixtures; the classifiers are
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from experiments import analyses
-from iresnet_jax import analysis, lipschitz, logdet
+from iresnet_jax import conv, logdet
 
 COEFF = 0.9
 
@@ -27,7 +27,7 @@ COEFF = 0.9
 def _settings():
     s = analyses.get_settings(True)
     s.classifier_model = dict(stages=(1, 1, 1), hidden=4)
-    s.density_model = dict(blocks_per_scale=(1, 1, 1), hidden=4, n_terms=2)
+    s.density_model = dict(blocks_per_scale=(1, 1, 1), hidden=4, logdet=dict(n_terms=2))
     s.coeffs = (COEFF,)
     s.sv_power_iter = 300
     s.recon_images = 8
@@ -79,13 +79,13 @@ def test_singular_values(classifiers, tmp_path):
     assert out["singular_values"]["c=0.9"]["layers"] == 9
     assert out["singular_values"]["batchnorm"]["layers"] == 9
     t = classifiers[f"c={COEFF:g}"]
-    layers = analysis.conv_layers(t.model, t.variables, t.test_inputs(1))
+    layers = analyses.conv_layers(t.model, t.variables, t.test_inputs(1))
     with jax.enable_x64(True):
         for row, layer in zip(rows, layers):
             k = jnp.asarray(layer.kernel, jnp.float64)
-            zero = np.linalg.norm(np.asarray(lipschitz.conv_dense_matrix(
+            zero = np.linalg.norm(np.asarray(conv.conv_dense_matrix(
                 k, layer.spatial_shape, padding="SAME")), 2)
-            circ = np.linalg.norm(np.asarray(lipschitz.conv_dense_matrix(
+            circ = np.linalg.norm(np.asarray(conv.conv_dense_matrix(
                 k, layer.spatial_shape, padding="CIRCULAR")), 2)
             # FFT = circular operator, power iteration = the zero-padded operator the
             # model applies, which spectral normalization keeps at (about) c or below.
@@ -176,7 +176,7 @@ def test_runtime(tmp_path):
     _files(tmp_path, "runtime.png", "runtime.json", "runtime.md")
     with open(tmp_path / "runtime.json") as f:
         r = json.load(f)
-    assert list(r["models"]) == list(analysis.RUNTIME_MODELS)
+    assert list(r["models"]) == list(analyses.RUNTIME_MODELS)
     assert r["models"]["glow"]["ratio_to_glow"] == 1.0
     for name, m in r["models"].items():
         assert m["seconds"] > 0 and m["compile_seconds"] > 0
@@ -187,8 +187,8 @@ def test_runtime(tmp_path):
 @pytest.mark.parametrize("hw,ks", [((5, 4), (3, 3)), ((2, 2), (3, 3)), ((4, 4), (1, 1))])
 def test_conv_norms_match_dense_svd(x64, hw, ks):
     kernel = np.random.default_rng(0).normal(size=ks + (2, 3))
-    norms = analysis.conv_norms(kernel, hw, "SAME", n_power_iter=3000)
-    dense = lambda padding: np.linalg.norm(np.asarray(lipschitz.conv_dense_matrix(
+    norms = analyses.conv_norms(kernel, hw, "SAME", n_power_iter=3000)
+    dense = lambda padding: np.linalg.norm(np.asarray(conv.conv_dense_matrix(
         jnp.asarray(kernel), hw, padding=padding)), 2)
     assert norms["fft"] == pytest.approx(dense("CIRCULAR"), rel=1e-10)
     assert norms["power"] == pytest.approx(dense("SAME"), rel=1e-5)
@@ -198,14 +198,14 @@ def test_conv_norms_match_dense_svd(x64, hw, ks):
 def test_roles_of_configs_and_analyses():
     """A checkpoint's role comes from its config; each analysis asks for its models."""
     s = _settings()
-    assert analysis.default_name(analyses.model_config("vanilla", s)) == "vanilla"
-    assert analysis.default_name(analyses.model_config("batchnorm", s)) == "batchnorm"
-    assert analysis.default_name(analyses.model_config("c=0.7", s)) == "c=0.7"
-    assert analysis.default_name(analyses.model_config("density", s)) == "density"
+    assert analyses.default_name(analyses.model_config("vanilla", s)) == "vanilla"
+    assert analyses.default_name(analyses.model_config("batchnorm", s)) == "batchnorm"
+    assert analyses.default_name(analyses.model_config("c=0.7", s)) == "c=0.7"
+    assert analyses.default_name(analyses.model_config("density", s)) == "density"
     assert analyses.model_config("c=0.7", s).model.coeff == 0.7
-    assert analyses._roles(["convergence"], (0.5, 0.9)) == ["c=0.5", "c=0.9"]
-    assert analyses._roles(["reconstructions", "samples"], (0.5, 0.9)) == [
+    assert analyses.roles(["convergence"], (0.5, 0.9)) == ["c=0.5", "c=0.9"]
+    assert analyses.roles(["reconstructions", "samples"], (0.5, 0.9)) == [
         "vanilla", "batchnorm", "c=0.9", "density"]
-    assert analyses._roles(["runtime"], (0.9,)) == []
+    assert analyses.roles(["runtime"], (0.9,)) == []
     with pytest.raises(ValueError, match="unknown analyses"):
         analyses.run("/nonexistent", s, only=["fig10"])

@@ -102,8 +102,13 @@ def test_block_stack_training_updates_every_blocks_spectral_state():
                                       u_old)
 
 
-def test_unrolled_stacks_agree_with_rolled():
-    from iresnet_jax import blocks, flow, logdet
+def test_materialize_is_an_exact_identity_and_unrolled_stacks_agree_with_rolled():
+    from iresnet_jax import blocks, conv, flow, logdet
+    x = jax.random.normal(jax.random.key(0), (2, 5, 5, 3)) * 1e3
+    np.testing.assert_array_equal(jax.jit(conv.materialize)(x), x)
+    with jax.enable_x64(True):
+        x64 = jax.random.normal(jax.random.key(0), (7, 6), jnp.float64) * 1e-3
+        np.testing.assert_array_equal(jax.jit(conv.materialize)(x64), x64)
     block = blocks.InvertibleBlock(blocks.ConvBranch(hidden=4, coeff=0.9),
                                    logdet=logdet.LogDetConfig("exact"))
     x = jax.random.normal(jax.random.key(1), (2, 4, 4, 2))

@@ -50,7 +50,8 @@ class ToyDensity:
     metric = "test_nll"
     loss_name = "nll"
 
-    def __init__(self, config):
+    def __init__(self, config, data=None):
+        del data   # toy densities are sampled
         self.config = config
         toy2d.check_name(config.dataset)
         self.test = toy2d.sample(config.dataset, config.n_test,
@@ -146,13 +147,17 @@ def save_figure(fig, path: str, dpi: int = 100) -> None:
 
 
 class _Images:
-    """Image data: the splits, deterministic augmented batches, the ActNorm init batch."""
+    """Image data: the splits, deterministic augmented batches, the ActNorm init batch.
+    ``data``: the ``(train, test)`` splits as ``ImageData`` (e.g. synthetic images for a
+    benchmark) instead of ``config.dataset``'s."""
 
-    def __init__(self, config, normalizer: Callable | None):
+    def __init__(self, config, normalizer: Callable | None, data=None):
         self.config = config
-        data_dir = config.get("data_dir") or None
-        self.train = data_lib.load(config.dataset, "train", data_dir=data_dir)
-        self.test = data_lib.load(config.dataset, "test", data_dir=data_dir)
+        if data is None:
+            data_dir = config.get("data_dir") or None
+            data = (data_lib.load(config.dataset, "train", data_dir=data_dir),
+                    data_lib.load(config.dataset, "test", data_dir=data_dir))
+        self.train, self.test = data
         self.normalizer = normalizer(self.train) if normalizer else None
         augment = config.get("augment")
         self.batches = data_lib.TrainBatches(
@@ -192,8 +197,8 @@ class Density(_Images):
     metric = "test_bits_per_dim"
     loss_name = "bits_per_dim"
 
-    def __init__(self, config):
-        super().__init__(config, normalizer=None)
+    def __init__(self, config, data=None):
+        super().__init__(config, normalizer=None, data=data)
         self.model_fields = {"input_shape": self.train.shape}
 
     def init_batch(self) -> np.ndarray:
@@ -216,9 +221,9 @@ class Classification(_Images):
     metric = "test_accuracy"
     loss_name = "loss"
 
-    def __init__(self, config):
+    def __init__(self, config, data=None):
         super().__init__(config, normalizer=lambda train: data_lib.Normalizer.create(
-            config.normalization, train))
+            config.normalization, train), data=data)
         self.model_fields = {"num_classes": self.train.num_classes}
 
     def init_batch(self) -> np.ndarray:
@@ -232,9 +237,10 @@ class Classification(_Images):
         return loss, {"accuracy": correct}, new_state
 
 
-def make(config):
-    """The task named by ``config.task``."""
+def make(config, data=None):
+    """The task named by ``config.task`` (``data``: image splits to use instead of
+    ``config.dataset``'s)."""
     if config.task not in TASKS:
         raise ValueError(f"config.task must be one of {TASKS}, got {config.task!r}")
     return {"toy_density": ToyDensity, "density": Density,
-            "classification": Classification}[config.task](config)
+            "classification": Classification}[config.task](config, data)
