@@ -1,9 +1,10 @@
 """absl-flag binaries (``python -m experiments.<name> --help``) and their configs.
 
 Every binary calls ``setup_run()`` first in ``main``: the CPU tuning of
-``iresnet_jax.tuning`` (nothing off the CPU), quieter logs, and JAX's persistent
-compilation cache (``--compilation_cache_dir``), so a resumed or repeated run loads its
-compiled steps instead of compiling them again.
+``iresnet_jax.tuning`` (nothing off the CPU), quieter logs, JAX's persistent compilation
+cache (``--compilation_cache_dir``), so a resumed or repeated run loads its compiled
+steps instead of compiling them again, and with ``--jax_distributed``
+``jax.distributed.initialize()`` (multi-host runs).
 """
 
 import os
@@ -17,6 +18,9 @@ _CACHE_DIR = flags.DEFINE_string(
     "Directory of JAX's persistent compilation cache (programs that took over a second "
     "to compile are stored and reused by later runs); empty to turn it off. "
     "JAX_COMPILATION_CACHE_DIR, when set, takes precedence.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "jax_distributed", False, "Call jax.distributed.initialize() first (multi-host runs; "
+    "the cluster is detected from the environment).")
 
 
 def quiet_logs() -> None:
@@ -42,11 +46,15 @@ def use_compilation_cache(path: str | None = None) -> str | None:
 
 
 def setup_run(*, cache: bool = True) -> None:
-    """What every binary does first: the CPU tuning, quiet logs and (``cache``) the
-    compilation cache."""
+    """What every binary does first: quiet logs, ``jax.distributed.initialize()`` when
+    asked, the CPU tuning and (``cache``) the compilation cache."""
+    import jax
+
     from iresnet_jax import tuning
 
     quiet_logs()
+    if _DISTRIBUTED.value:
+        jax.distributed.initialize()
     tuning.setup()
     if cache:
         use_compilation_cache()

@@ -23,19 +23,14 @@ _BATCH = flags.DEFINE_integer("batch_size", 0, "Evaluation batch (0: the config'
 _BOUND = flags.DEFINE_enum("lipschitz_bound", "auto", ["auto", "dense", "power", "circular"],
                            "How each conv's operator norm is obtained "
                            "(iresnet_jax.lipschitz.conv_operator_norm).")
-_DISTRIBUTED = flags.DEFINE_bool("jax_distributed", False, "Call jax.distributed.initialize().")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     setup_run()
-    import jax
-
     from iresnet_jax.train import evaluation
 
-    if _DISTRIBUTED.value:
-        jax.distributed.initialize()
     evaluation.evaluate_workdir(_WORKDIR.value, bias_tol=_BIAS_TOL.value, se_tol=_SE_TOL.value,
                                 n_samples=_N_SAMPLES.value, min_passes=_MIN_PASSES.value,
                                 max_passes=_MAX_PASSES.value, bound=_BOUND.value,

@@ -13,9 +13,6 @@ from ml_collections import config_flags
 
 from experiments import setup_run
 
-_DISTRIBUTED = flags.DEFINE_bool("jax_distributed", False,
-                                 "Call jax.distributed.initialize() (multi-host runs).")
-
 
 def define_flags(default_config: str | None = None):
     """The ``--config`` and ``--workdir`` flags (``default_config``: a config file)."""
@@ -32,12 +29,8 @@ def make_main(config_flag, workdir_flag):
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
         setup_run()
-        import jax
-
         from iresnet_jax import train
 
-        if _DISTRIBUTED.value:
-            jax.distributed.initialize()
         train.train_and_evaluate(config_flag.value, workdir_flag.value)
     return main
 
