@@ -176,9 +176,10 @@ def test_density_config_selects_the_training_estimator(tmp_path):
 def _binary(tmp_path, module, *flags):
     """Runs ``python -m module --workdir=... flags`` and returns its written config."""
     workdir = tmp_path / module.split(".")[-1]
-    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": os.environ.get(
-        "IRESNET_TEST_JAX_CACHE", str(tmp_path / "cache")), "IRESNET_JAX_NO_RELAUNCH": "1"}
-    env.pop("XLA_FLAGS", None)   # one device, as a user's run
+    from conftest import FAST_COMPILE
+
+    env = {**os.environ, "IRESNET_JAX_NO_RELAUNCH": "1",
+           "XLA_FLAGS": FAST_COMPILE}   # one device, as a user's run
     done = subprocess.run([sys.executable, "-m", module, f"--workdir={workdir}", *flags],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

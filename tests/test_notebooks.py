@@ -254,9 +254,9 @@ def test_notebook_runs_at_quick_settings(path, tmp_path, monkeypatch):
 
     # The kernel inherits this process's environment: quick settings, this checkout's
     # package first, temporary directories (the notebooks' workdirs) under tmp_path, the
-    # suite's persistent compilation cache; no Agg backend and no simulated devices (set
-    # by conftest for the other tests): plots must render inline on one CPU device, as in
-    # Colab.
+    # suite's persistent compilation cache and fast compiles; no Agg backend and no
+    # simulated devices (set by conftest for the other tests): plots must render inline on
+    # one CPU device, as in Colab.
     monkeypatch.setenv("IRESNET_NOTEBOOK_QUICK", "1")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
         [str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
@@ -264,8 +264,9 @@ def test_notebook_runs_at_quick_settings(path, tmp_path, monkeypatch):
     work.mkdir()
     monkeypatch.setenv("TMPDIR", str(work))
     monkeypatch.delenv("MPLBACKEND", raising=False)
-    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
-        monkeypatch.delenv("XLA_FLAGS")
+    from conftest import FAST_COMPILE
+
+    monkeypatch.setenv("XLA_FLAGS", FAST_COMPILE)
     cache = os.environ.get("IRESNET_TEST_JAX_CACHE",
                            os.path.join(tempfile.gettempdir(), "iresnet_jax_test_cache"))
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", cache)

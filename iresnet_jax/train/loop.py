@@ -55,7 +55,8 @@ def run(*, state: TrainState, train_step: Callable[[TrainState, Any], tuple[Trai
 
     Returns:
       ``(state, summary)`` with the final metrics, the last evaluation, steps run in this
-      call, and the wall time.
+      call, the wall time, and ``steps_per_sec`` after the first step (which compiles),
+      evaluations and checkpoints included.
 
     Raises:
       NonFiniteLossError: the loss became NaN or infinite; the last good checkpoint stays.
@@ -109,6 +110,8 @@ def run(*, state: TrainState, train_step: Callable[[TrainState, Any], tuple[Trai
         last_eval = {k: float(v) for k, v in eval_fn(state).items()}
     if writer is not None:
         writer.flush()
+    rate = progress.update(step)["steps_per_sec"] if step > start + 1 else float("nan")
     summary = {"train": last_metrics, "eval": last_eval, "steps_this_run": step - start,
-               "seconds_this_run": time.time() - t_start, "final_step": step}
+               "seconds_this_run": time.time() - t_start, "final_step": step,
+               "steps_per_sec": None if rate != rate else rate}
     return state, summary

@@ -238,8 +238,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         "final": final, "metric": task.metric, "parameters": n_params,
         "processes": jax.process_count(), "devices": mesh.size,
         "steps_this_run": summary["steps_this_run"],
-        "steps_per_sec": (summary["steps_this_run"] / summary["seconds_this_run"]
-                          if summary["steps_this_run"] else None)}
+        "steps_per_sec": summary["steps_per_sec"]}
     if lead:
         result.update(task.finish(model, jax.device_get(state.variables()), workdir, final))
         result["seconds"] = time.time() - t0
