@@ -112,7 +112,8 @@ def conv_norm(kernel: Array, u: Array, n_iter: int, *, strides=1,
     (matrix products: a ``vmap`` over a stack's kernels stays a batched product). The
     iterations run in a ``fori_loop`` (one loop body to compile).
     """
-    if conv_lib._pairs(strides) == (1, 1) and padding in ("SAME", "CIRCULAR"):
+    unit = strides in (1, (1, 1), [1, 1])
+    if unit and padding in ("SAME", "CIRCULAR"):
         op = lambda v: conv_lib.conv2d_patches(v, kernel, padding=padding)
     else:
         op = lambda v: conv_lib.conv2d(v, kernel, strides=strides, padding=padding)

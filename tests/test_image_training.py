@@ -200,7 +200,9 @@ def test_binaries_take_the_estimator_settings_from_the_command_line(tmp_path):
                     "--config=experiments/configs/digits_density.py", "--config.num_steps=1",
                     "--config.model.blocks_per_scale=(1,1,1)", "--config.model.hidden=4",
                     "--config.batch_size=16", "--config.init_batch_size=32",
-                    "--config.eval_batch_size=360", "--config.model.logdet.gradient=neumann",
+                    "--config.eval_batch_size=360", "--config.model.logdet.method=roulette",
+                    "--config.model.logdet.gradient=neumann",
                     "--config.model.inverse.method=anderson")
-    assert image["model"]["logdet"]["gradient"] == "neumann"
+    assert (image["model"]["logdet"]["method"], image["model"]["logdet"]["gradient"]) == (
+        "roulette", "neumann")
     assert image["model"]["inverse"]["method"] == "anderson"
