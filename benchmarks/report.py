@@ -290,13 +290,13 @@ def _seconds(s: float) -> str:
 def runs_toy(r: dict) -> list[str]:
     m = r["metrics"]
     f = m["final"]
-    rows = [["test NLL (nats, 20,000 held-out points)", f["test_nll"]],
+    rows = [["test NLL (nats, 20,000 held-out points)", f"{f['test_nll']:.3f}"],
             ["true NLL (ln 32) / gap", f"{num(m['true_nll'], 5)} / {m['gap_nats']:+.3f}"],
             ["steps (batch)", f"{f['step']} ({r.get('batch_size', 250)})"],
-            ["steps per second", m["steps_per_sec"]],
+            ["steps per second (evaluations included)", f"{m['steps_per_sec']:.1f}"],
             ["whole command, compile included", _seconds(r["seconds"])],
-            ["density's mass on the plotted square", m["density_mass_on_plot_grid"]],
-            ["samples on the support", m.get("sample_fraction_in_support")],
+            ["density's mass on the plotted square", f"{m['density_mass_on_plot_grid']:.4f}"],
+            ["samples on the support", f"{m['sample_fraction_in_support']:.3f}"],
             ["parameters", num(m["parameters"], 6)]]
     return table(["measure", "value"], rows)
 
@@ -328,7 +328,7 @@ DIGITS_LABELS = {"digits_classifier": "i-ResNet classifier, c = 0.9",
 def runs_digits(r: dict) -> list[str]:
     rows = [[f"`{name}.py`", DIGITS_LABELS[name], num(run["metrics"]["parameters"], 6),
              _digits_result(run), _seconds(run["train"]["seconds"])]
-            for name, run in r.items()]
+            for name, run in ((n, r[n]) for n in DIGITS_LABELS if n in r)]
     return table(["config", "model", "parameters", "test result (`experiments.evaluate`)",
                   "training, compile included"], rows)
 
@@ -394,15 +394,20 @@ def headline(found: dict) -> list[str]:
         "python -m benchmarks.runs digits")
     add("digits, density bits/dim", "runs_digits",
         lambda r: _digits_result(r["digits_density"]), "python -m benchmarks.runs digits")
-    add("speed: log-det step / Neumann step / classifier step, over the official code's",
-        "anchor", lambda r: " / ".join(num(r[f"ratio.{k}"], 2) for k in (
-            "density.train_logdet", "density.train_logdet_neumann", "classifier.train")),
-        "python -m benchmarks.anchor")
-    add("one H200: CIFAR-10 density step (96 blocks, 512 filters, batch 64, remat)",
+    add("our time / the official PyTorch code's, interleaved on one CPU: log-det training "
+        "step / with the Neumann gradient / classifier step / inverse to 1e-6 (theirs: 20 "
+        "iterations)",
+        "side_by_side", lambda r: " / ".join(num(r[k]["ratio"], 2) for k in (
+            "density.train_logdet", "density.train_logdet_neumann", "classifier.train",
+            "density.inverse_tol_plain")),
+        "python -m benchmarks.side_by_side --repo PATH")
+    add("one H200 (an earlier revision): CIFAR-10 density step (96 blocks, 512 filters, "
+        "batch 64, remat)",
         "accelerator_h200", lambda r: (
             f"{num(r['cifar10_density']['remat']['step_seconds'])} s"),
         "python -m benchmarks.accelerator")
-    add("one H200: CIFAR-10 classifier step (39 blocks, batch 128)", "accelerator_h200",
+    add("one H200 (an earlier revision): CIFAR-10 classifier step (39 blocks, batch 128)",
+        "accelerator_h200",
         lambda r: f"{num(r['cifar10_classifier']['step_seconds'])} s",
         "python -m benchmarks.accelerator")
     return table(["what", "result", "command"], rows) + [

@@ -17,7 +17,8 @@ Per key: both medians and minima, their ratio (ours / official), the goal and ou
 compile seconds; both libraries' matmul rates. Needs ``torch`` and the checkout (see
 ``benchmarks/reference_torch.py``)::
 
-    python -m benchmarks.side_by_side --repo /path/to/invertible-resnet
+    python -m benchmarks.side_by_side --repo /path/to/invertible-resnet \
+        --torch_python /path/to/torch-env/bin/python
     python -m benchmarks.side_by_side --repo ... --keys density.train_logdet,classifier.train
 
 Writes ``benchmarks/results/side_by_side.json``.
@@ -48,17 +49,22 @@ def main(argv=None) -> dict:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=3, help="calls of each per round")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--torch_python", default=sys.executable,
+                        help="the Python interpreter that has torch (PyTorch is not a "
+                             "dependency of this project: install it in its own "
+                             "environment); default: this one")
     args = parser.parse_args(argv)
     keys = [k.strip() for k in args.keys.split(",") if k.strip()]
     unknown = [k for k in keys if k not in anchor.KEYS]
     if unknown:
         parser.error(f"unknown keys {unknown}; known: {', '.join(anchor.KEYS)}")
-    reference_torch.load_torch(parser, args.repo, args.threads)   # checks torch and repo
+    if args.torch_python == sys.executable:
+        reference_torch.load_torch(parser, args.repo, args.threads)  # checks torch and repo
     env = dict(os.environ)
     env["GLIBC_TUNABLES"] = ":".join(t for t in env.get("GLIBC_TUNABLES", "").split(":")
                                      if t and t != tuning.SETTING)
     worker = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.reference_torch", "--repo", args.repo,
+        [args.torch_python, "-m", "benchmarks.reference_torch", "--repo", args.repo,
          "--threads", str(args.threads), "--serve"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env=env)
     info = json.loads(worker.stdout.readline())
