@@ -193,22 +193,23 @@ class MLPBranch(Branch):
             """``(g(x), J)`` with ``J[b, i, j] = d g_i / d x_j``, in one forward pass.
 
             Forward mode with the ``d`` tangent streams stacked: per layer one product for
-            the primal and one ``(d B, w) @ (w, w')`` for all tangents (two dots beat one
+            the primal and one ``(B d, w) @ (w, w')`` for all tangents (two dots beat one
             over a concatenation on XLA:CPU); the first layer's tangents are the kernel's
             rows times the activation's slope, and one ``jvp`` of the activation gives
-            value and slope from the same transcendentals.
+            value and slope from the same transcendentals. The batch axis leads, so a
+            batch-sharded input is reshaped without gathering.
             """
             batch, d = x.shape
             (act, (kernel, bias)), rest = (acts[0], params[0]), zip(acts[1:], params[1:])
             a, slope = jax.jvp(act, (x,), (jnp.ones_like(x),))
             h = a @ kernel + bias
-            tangents = jnp.transpose(slope)[:, :, None] * kernel[:, None, :]   # (d, B, w)
+            tangents = slope[:, :, None] * kernel[None, :, :]           # (B, d, w)
             for act, (kernel, bias) in rest:
                 a, slope = jax.jvp(act, (h,), (jnp.ones_like(h),))
                 h = a @ kernel + bias
-                tangents = ((tangents * slope[None]).reshape(d * batch, -1) @ kernel
-                            ).reshape(d, batch, -1)
-            return h, jnp.transpose(tangents, (1, 2, 0))
+                tangents = ((tangents * slope[:, None, :]).reshape(batch * d, -1) @ kernel
+                            ).reshape(batch, d, -1)
+            return h, jnp.transpose(tangents, (0, 2, 1))
 
         g.value_and_jacobian = value_and_jacobian
         return g
