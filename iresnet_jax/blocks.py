@@ -230,8 +230,8 @@ class InvertibleBlock(nn.Module):
       inverse_config: the fixed-point inverse's settings.
 
     ``__call__(x, *, train=False) -> (y, log_det)``; ``inverse(y) -> x`` sows its
-    per-example iteration counts and residuals into ``"intermediates"``
-    (``mutable=["intermediates"]``); ``inverse(y, n_iter=k)`` runs exactly ``k`` plain
+    per-example iteration counts, residuals and convergence flags into ``"intermediates"``
+    (``flow.inverse_report`` reads them); ``inverse(y, n_iter=k)`` runs exactly ``k`` plain
     iterations instead (``k`` may be traced).
 
     Example:
@@ -298,6 +298,7 @@ class InvertibleBlock(nn.Module):
             x, info = self.inverse_config(g, y)
             self.sow("intermediates", "inverse_iterations", info.iterations)
             self.sow("intermediates", "inverse_residual", info.residual)
+            self.sow("intermediates", "inverse_converged", info.converged)
         else:
             x = inverse_lib.iterate(g, y, n_iter)
         if self.actnorm == "before":
