@@ -21,9 +21,11 @@ class NonFiniteLossError(RuntimeError):
 
 def restore_latest(checkpointer: Checkpointer, state: TrainState,
                    print_fn: Callable[[str], None] = print) -> TrainState:
-    """``state`` from ``checkpointer``'s latest checkpoint (``state`` is the template),
-    or ``state`` itself when there is none."""
+    """``state`` from ``checkpointer``'s newest intact checkpoint (``state`` is the
+    template), or ``state`` itself when there is none; damaged ones are reported."""
     restored = checkpointer.restore(state)
+    for problem in checkpointer.skipped:
+        print_fn(f"damaged checkpoint passed over: {problem}")
     if restored is None:
         return state
     print_fn(f"resumed from checkpoint at step {int(restored.step)} "

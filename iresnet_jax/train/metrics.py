@@ -14,13 +14,38 @@ def _to_float(v) -> float:
     return float(v)
 
 
+def _written_lines(path: str) -> set[tuple]:
+    """``(step, keys)`` of every complete line of a metrics file; a line cut short by a
+    kill is removed (the only change ever made to written lines)."""
+    if not os.path.exists(path):
+        return set()
+    with open(path, "rb") as f:
+        data = f.read()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    seen = set()
+    for line in data[:end].decode().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            seen.add((row.pop("step", None), tuple(sorted(row))))
+    return seen
+
+
 class MetricWriter:
     """Writes scalars to TensorBoard (via tensorboardX, no TensorFlow) and to
-    ``<workdir>/metrics.jsonl`` (one JSON object per call)."""
+    ``<workdir>/metrics.jsonl`` (one JSON object per call).
+
+    The file is append-only and survives a kill: a resumed run, which replays the steps
+    after its checkpoint, skips the lines (same step, same keys) already written.
+    """
 
     def __init__(self, workdir: str, *, tensorboard: bool = True):
         os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        path = os.path.join(workdir, "metrics.jsonl")
+        self._written = _written_lines(path)
+        self._jsonl = open(path, "a")
         self._tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter
@@ -28,6 +53,8 @@ class MetricWriter:
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]):
         values = {k: _to_float(v) for k, v in scalars.items()}
+        if (int(step), tuple(sorted(values))) in self._written:
+            return
         self._jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
