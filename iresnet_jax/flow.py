@@ -21,6 +21,8 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+
 from iresnet_jax import conv, distributions
 
 Array = jax.Array
@@ -181,3 +183,41 @@ class DensityFlow(nn.Module):
         z = self.prior.sample(self.make_rng("sample"), n, self.latent_dim,
                               temperature=temperature)
         return self.inverse(z)
+
+
+def inverse_report(intermediates) -> dict:
+    """What the fixed-point inverses of one ``apply(..., mutable=["intermediates"])`` sowed,
+    read at no extra cost: ``worst_residual`` (the largest last step of any example in any
+    block, a bound on its residual), ``not_converged`` (examples that some block left
+    unconverged), ``examples`` and ``max_iterations``; ``{}`` when nothing was inverted
+    by fixed point (analytic flows, or exactly ``n_iter`` iterations).
+
+    Example:
+      >>> x, state = model.apply(v, 16, method="sample", rngs={"sample": key},
+      ...                        mutable=["intermediates"])
+      >>> inverse_report(state["intermediates"])   # {"worst_residual": 3e-07, ...}
+    """
+    found: dict[str, list] = {"inverse_residual": [], "inverse_converged": [],
+                              "inverse_iterations": []}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(intermediates):
+        names = {getattr(k, "key", None) for k in path}
+        for name, values in found.items():
+            if name in names:
+                leaf = np.asarray(leaf)
+                values.append(leaf.reshape(-1, leaf.shape[-1]))   # (blocks, batch)
+    if not found["inverse_residual"]:
+        return {}
+    residual = np.concatenate(found["inverse_residual"])
+    converged = np.concatenate(found["inverse_converged"]).all(axis=0)
+    return {"worst_residual": float(np.max(residual)),
+            "not_converged": int(np.sum(~converged)), "examples": int(converged.size),
+            "max_iterations": int(np.max(np.concatenate(found["inverse_iterations"])))}
+
+
+def describe_inverse(report: dict) -> str:
+    """One log line for an ``inverse_report``."""
+    if not report:
+        return "inverse: no fixed-point iteration"
+    return (f"inverse: worst residual {report['worst_residual']:.2e}, "
+            f"{report['not_converged']} of {report['examples']} examples not converged "
+            f"(at most {report['max_iterations']} iterations)")

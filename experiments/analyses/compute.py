@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iresnet_jax import blocks, layers, lipschitz, logdet
+from iresnet_jax import blocks, flow, layers, lipschitz, logdet
 from iresnet_jax.train import evaluation
 
 Array = jax.Array
@@ -176,8 +176,9 @@ def reconstruct(t, x: np.ndarray, *, max_iter: int = 100
     model = t.model.clone(inverse_config=dataclasses.replace(
         t.model.inverse_config, tol=0.0, rtol=0.0, max_iter=max_iter))
     z = jax.jit(forward(t, model))(t.variables, jnp.asarray(x))
-    x_rec = np.asarray(jax.jit(lambda v, z: model.apply(v, z, method="inverse"))(
-        t.variables, z))
+    x_rec, sown = jax.jit(lambda v, z: model.apply(v, z, method="inverse",
+                                                   mutable=["intermediates"]))(t.variables, z)
+    x_rec = np.asarray(x_rec)
     err = np.abs(x_rec - x).reshape(len(x), -1)
     with np.errstate(invalid="ignore"):
         per_max, per_mean = err.max(axis=1), err.mean(axis=1)
@@ -185,7 +186,8 @@ def reconstruct(t, x: np.ndarray, *, max_iter: int = 100
     return x_rec, {"model": t.name, "coeff": t.coeff, "iterations": max_iter,
                    "max_error": float(np.max(per_max)) if finite else math.inf,
                    "mean_error": float(np.mean(per_mean)) if finite else math.inf,
-                   "finite": finite, "per_image_max_error": per_max.tolist()}
+                   "finite": finite, "per_image_max_error": per_max.tolist(),
+                   "inverse": flow.inverse_report(sown["intermediates"])}
 
 
 def fixed_point_convergence(t, x: np.ndarray, iterations: Sequence[int], *,
@@ -336,9 +338,11 @@ def sample_images(t, n: int, key: Array, *, temperature: float = 1.0
     """``n`` samples of a density model (prior draws through the fixed-point inverse)."""
     model = t.model
     fn = jax.jit(lambda v, k: model.apply(v, n, temperature=temperature, method="sample",
-                                          rngs={"sample": k}))
-    x = np.asarray(fn(t.variables, key))
+                                          rngs={"sample": k}, mutable=["intermediates"]))
+    x, sown = fn(t.variables, key)
+    x = np.asarray(x)
     return x, {"model": t.name, "samples": int(n), "temperature": float(temperature),
+               "inverse": flow.inverse_report(sown["intermediates"]),
                "train_steps": t.step, "finite": bool(np.all(np.isfinite(x))),
                "min": float(np.nanmin(x)), "max": float(np.nanmax(x)),
                "fraction_in_data_range": float(np.mean((x >= -0.5) & (x <= 0.5))),

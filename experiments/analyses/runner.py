@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 
 from experiments.analyses import compute, models as models_lib, plots, runtime
+from iresnet_jax.flow import describe_inverse
 from iresnet_jax.train.tasks import save_figure
 
 ANALYSES = ("singular_values", "reconstructions", "convergence", "logdet_bias", "runtime",
@@ -132,8 +133,11 @@ def run(workdir: str, s: ml_collections.ConfigDict, *, only: Iterable[str] = ANA
             save_figure(fig, path("reconstructions.png"))
             write_json(path("reconstructions.json"), results)
             summary["reconstructions"] = {r["model"]: {"max_error": r["max_error"],
-                                                       "mean_error": r["mean_error"]}
+                                                       "mean_error": r["mean_error"],
+                                                       "inverse": r["inverse"]}
                                           for r in results}
+            for r in results:
+                print_fn(f"reconstructions, {r['model']}: {describe_inverse(r['inverse'])}")
         elif name == "convergence":
             rows = []
             for t in _classifiers(models, coeffs):
@@ -178,6 +182,7 @@ def run(workdir: str, s: ml_collections.ConfigDict, *, only: Iterable[str] = ANA
             np.save(path("samples.npy"), x)
             write_json(path("samples.json"), info)
             summary["samples"] = info
+            print_fn(f"samples: {describe_inverse(info['inverse'])}")
         summary["seconds"][name] = time.perf_counter() - t0
         print_fn(f"{name}: {summary['seconds'][name]:.1f} s")
     summary["seconds"]["total"] = time.perf_counter() - t_start

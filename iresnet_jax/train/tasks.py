@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from iresnet_jax import distributions
+from iresnet_jax import distributions, flow
 from iresnet_jax import data as data_lib
 from iresnet_jax.data import toy2d
 
@@ -93,12 +93,15 @@ class ToyDensity:
         density = np.exp(np.concatenate(chunks)).reshape(gx.shape)
         out: dict[str, Any] = {"density_mass_on_plot_grid":
                                float(np.sum(density) * (g[1] - g[0]) ** 2)}
+        out["inverse"] = {"round_trip": _round_trip(model, variables, self.test[:256], key)}
         samples = None
         if c.n_plot_samples:
             sample = jax.jit(lambda v, k: model.apply(v, c.n_plot_samples, method="sample",
-                                                      rngs={"sample": k}))
-            samples = np.asarray(sample(variables, jax.random.fold_in(
-                jax.random.key(c.seed), 9)))
+                                                      rngs={"sample": k},
+                                                      mutable=["intermediates"]))
+            samples, sown = sample(variables, jax.random.fold_in(jax.random.key(c.seed), 9))
+            samples = np.asarray(samples)
+            out["inverse"]["samples"] = flow.inverse_report(sown["intermediates"])
             if toy2d.has_log_density(c.dataset):
                 inside = np.isfinite(toy2d.log_density(c.dataset, samples))
                 out["sample_fraction_in_support"] = float(np.mean(inside))
@@ -112,6 +115,17 @@ class ToyDensity:
         _plot(os.path.join(workdir, out["figure"]), lim, c.dataset, data, gx, gy, density,
               samples, title)
         return out
+
+
+def _round_trip(model, variables, x, key) -> dict:
+    """``F^{-1}(F(x))`` of test points: the inverse's report and the largest error."""
+    def fn(v, x):
+        z = model.apply(v, x, rngs={"logdet": key})[0]
+        return model.apply(v, z, method="inverse", mutable=["intermediates"])
+
+    x_rec, sown = jax.jit(fn)(variables, x)
+    return {**flow.inverse_report(sown["intermediates"]),
+            "max_error": float(np.max(np.abs(np.asarray(x_rec) - x)))}
 
 
 def _plot(path, lim, name, data, grid_x, grid_y, density, samples, title) -> None:
