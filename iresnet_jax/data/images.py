@@ -14,6 +14,7 @@ with a fixed stratified split of 1,437 training and 360 test images.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 
@@ -117,12 +118,13 @@ def _load_tfds(name: str, split: str, data_dir: str | None) -> ImageData:
 
     try:
         source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-    except (FileNotFoundError, NotImplementedError, AssertionError, OSError,
-            ValueError) as e:
-        where = data_dir or "the default TFDS data_dir (~/tensorflow_datasets or $TFDS_DATA_DIR)"
+    except (FileNotFoundError, NotImplementedError, AssertionError, OSError, KeyError,
+            ValueError) as e:   # KeyError: a dataset directory without prepared splits
+        where = data_dir or (f"{os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets'}"
+                             " (TFDS's default data_dir)")
         raise DatasetNotPreparedError(
             f"dataset {name!r} (split {split!r}) could not be opened for random access in "
-            f"{where}: it is probably not prepared in the ArrayRecord format. Prepare it "
+            f"{where}: it is not prepared there in the ArrayRecord format. Prepare it "
             f"once with:\n    {prepare_command(name, data_dir)}\n(underlying error: "
             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
     shape, num_classes, n_bins = DATASETS[name]

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from iresnet_jax import models
+from iresnet_jax import flow, models
 from iresnet_jax.train import optim, parallel, tasks
 from iresnet_jax.train.checkpoint import Checkpointer
 from iresnet_jax.train.loop import run
@@ -171,6 +171,23 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         _positive_int(config, "num_steps", allow_zero=True)
         if not config.num_epochs > 0:
             raise ValueError(f"config.num_epochs must be positive, got {config.num_epochs!r}")
+    if "model" not in config:
+        return
+    coeff = config.model.get("coeff")
+    if coeff is not None and not 0 < coeff < 1:
+        raise ValueError(f"config.model.coeff must lie in (0, 1) (the Lipschitz bound of "
+                         f"each residual branch), got {coeff!r}")
+    for name, value in _flat(config.model.to_dict(), "config.model"):
+        if any(isinstance(v, int) and v < 0 for v in _tuple(value)):
+            raise ValueError(f"{name} must not be negative, got {value!r}")
+
+
+def _flat(tree: dict, prefix: str):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flat(value, f"{prefix}.{key}")
+        else:
+            yield f"{prefix}.{key}", value
 
 
 def setup(config: ml_collections.ConfigDict, *, init: bool = True) -> Run:
@@ -178,11 +195,14 @@ def setup(config: ml_collections.ConfigDict, *, init: bool = True) -> Run:
     only with ``init=False``: a restore template)."""
     check_config(config)
     task = tasks.make(config)
-    model = build_model(config, task)
     tx = optim.make(config.optimizer, task.num_steps)
     x_init = jnp.asarray(task.init_batch())
-    state = (create_state(config, model, x_init, tx) if init else
-             jax.eval_shape(lambda x: create_state(config, model, x, tx), x_init))
+    try:   # the model names its own field; the prefix says where it is set
+        model = build_model(config, task)
+        state = (create_state(config, model, x_init, tx) if init else
+                 jax.eval_shape(lambda x: create_state(config, model, x, tx), x_init))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config.model ({config.model.get('name')}): {e}") from e
     return Run(config, task, model, state)
 
 
@@ -221,7 +241,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     def batch_fn(step: int):
         batch = task.train_batch(step)
-        check_finite_batch(batch)
+        check_finite_batch(batch, f"input batch of step {step}")
         return parallel.shard_batch(batch, mesh)
 
     state, summary = run(
@@ -241,6 +261,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         "steps_per_sec": summary["steps_per_sec"]}
     if lead:
         result.update(task.finish(model, jax.device_get(state.variables()), workdir, final))
+        for name, report in result.get("inverse", {}).items():
+            extra = (f", largest error {report['max_error']:.2e}" if "max_error" in report
+                     else "")
+            print_fn(f"{name}: {flow.describe_inverse(report)}{extra}")
         result["seconds"] = time.time() - t0
         _write_json(os.path.join(workdir, METRICS_FILE), result)
         writer.close()
