@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from iresnet_jax import precision
+
 Array = jax.Array
 
 METHODS = ("plain", "anderson")
@@ -227,7 +229,7 @@ def _anderson_solve(g, y, tol, max_iter, memory=5, reg=None, rtol=0.0):
 def _solve(g, y, tols, max_iter, method):
     """``tols = (tol, rtol)``: an example stops once its step is ``<= tol + rtol * max|x|``."""
     tol, rtol = tols
-    with jax.default_matmul_precision("float32"):
+    with precision.exact_products():
         if method == "plain":
             return _plain_solve(g, y, tol, max_iter, rtol=rtol)
         return _anderson_solve(g, y, tol, max_iter, rtol=rtol)
@@ -246,7 +248,7 @@ def _fixed_point_fwd(g, tols, max_iter, method, y, *consts):
 def _fixed_point_bwd(g, tols, max_iter, method, res, cotangents):
     x, consts = res
     xbar = cotangents[0]
-    with jax.default_matmul_precision("float32"):
+    with precision.exact_products():
         _, vjp_x = jax.vjp(lambda x_: g(x_, *consts), x)
         # Solve u = xbar - J_g^T u: a contraction like the forward problem (||J_g|| <=
         # Lip(g)), solved by the same method with per-example stopping.
@@ -338,7 +340,7 @@ def fixed_point(g: Callable[[Array], Array], y: Array, *, tol: float = 1e-6,
 def iterate(g: Callable[[Array], Array], y: Array, n_iter: int | Array) -> Array:
     """Exactly ``n_iter`` plain iterations ``x <- y - g(x)`` from ``x = y`` (no convergence
     test; ``n_iter`` may be traced, so one compiled program serves every count)."""
-    with jax.default_matmul_precision("float32"):
+    with precision.exact_products():
         return lax.fori_loop(0, n_iter, lambda _, x: y - g(x), y)
 
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from iresnet_jax import conv as conv_lib
-from iresnet_jax import lipschitz
+from iresnet_jax import lipschitz, precision
 
 Array = jax.Array
 
@@ -81,7 +81,7 @@ class _Spectral(nn.Module):
                 " convolution depends on the input's spatial size")
         n_iter = (self.init_power_iter if self.is_initializing()
                   else _iterations(self.n_power_iter, train))
-        with jax.default_matmul_precision("float32"):
+        with precision.exact_products():
             _, u = norm_fn(lax.stop_gradient(kernel), u_var.value, n_iter)
             u = lax.stop_gradient(u)
             # sigma = ||W u|| with u fixed: differentiable in W, as in spectral normalization.
