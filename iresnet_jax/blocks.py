@@ -44,6 +44,7 @@ class Branch(nn.Module):
     activation: str = "elu"
     leading_activation: bool = True
     zero_init_last: bool = False
+    stored_sigma: bool = False
 
     def _check(self):
         if self.coeff is not None:
@@ -103,7 +104,8 @@ class ConvBranch(Branch):
       conv: how the convs are computed (``iresnet_jax.conv.IMPLS``; the same operator).
       (and the fields of ``Branch``: ``coeff``, ``n_power_iter`` (paper's code: 5 for
       density, 1 for classification), ``activation``, ``leading_activation`` (the first
-      block of a network has none), ``zero_init_last``.)
+      block of a network has none), ``zero_init_last``, ``stored_sigma`` (evaluate with
+      the stored ``sigma``, ``layers.SpectralConv``).)
 
     Example:
       >>> branch = ConvBranch(hidden=32, coeff=0.9)
@@ -124,7 +126,8 @@ class ConvBranch(Branch):
             c_out, (ks, ks) if isinstance(ks, int) else tuple(ks), coeff=self.coeff,
             n_power_iter=self.n_power_iter, init_power_iter=self.init_power_iter,
             kernel_init=self._kernel_init(i == n - 1), padding=self.padding, conv=self.conv,
-            name=f"conv{i}") for i, (ks, c_out) in enumerate(zip(self.kernel_sizes, outs))]
+            stored_sigma=self.stored_sigma, name=f"conv{i}")
+            for i, (ks, c_out) in enumerate(zip(self.kernel_sizes, outs))]
         return widths, convs
 
     @nn.compact
@@ -174,7 +177,8 @@ class MLPBranch(Branch):
             layer = layers.SpectralDense(
                 w_out, coeff=self.coeff, n_power_iter=self.n_power_iter,
                 init_power_iter=self.init_power_iter,
-                kernel_init=self._kernel_init(i == len(outs) - 1), name=f"dense{i}")
+                kernel_init=self._kernel_init(i == len(outs) - 1),
+                stored_sigma=self.stored_sigma, name=f"dense{i}")
             weights.append(layer.weights(jax.ShapeDtypeStruct((x.shape[0], w_in), x.dtype),
                                          train=train))
         return weights, self._activation_params(widths, x.dtype)

@@ -5,8 +5,10 @@ estimate of ``||W||_2`` (for a convolution: of the operator at the real input si
 ``iresnet_jax.lipschitz``). The iteration vector ``u`` and the last ``sigma`` live in the
 ``"spectral"`` collection: a training call (``train=True``) runs ``n_power_iter``
 iterations and stores ``u`` when the caller passes ``mutable=["spectral"]``; evaluation
-uses the stored ``u``. ``coeff=None`` gives the unconstrained layer (no state), which the
-baselines use.
+uses the stored ``u`` (with ``stored_sigma=True``: the stored ``sigma`` itself, which a
+converted checkpoint needs when its ``sigma`` was not ``||W u||``, see
+``iresnet_jax.interop``). ``coeff=None`` gives the unconstrained layer (no state), which
+the baselines use.
 """
 
 from __future__ import annotations
@@ -81,6 +83,8 @@ class _Spectral(nn.Module):
                 " convolution depends on the input's spatial size")
         n_iter = (self.init_power_iter if self.is_initializing()
                   else _iterations(self.n_power_iter, train))
+        if self.stored_sigma and n_iter == 0:
+            return lipschitz.soft_normalize(kernel, sigma_var.value, self.coeff), bias
         with precision.exact_products():
             _, u = norm_fn(lax.stop_gradient(kernel), u_var.value, n_iter)
             u = lax.stop_gradient(u)
@@ -108,6 +112,7 @@ class SpectralDense(_Spectral):
     use_bias: bool = True
     kernel_init: Callable = nn.initializers.lecun_normal()
     bias_init: Callable = nn.initializers.zeros
+    stored_sigma: bool = False
 
     def __post_init__(self):
         self._check_coeff()
@@ -150,6 +155,7 @@ class SpectralConv(_Spectral):
     use_bias: bool = True
     kernel_init: Callable = nn.initializers.lecun_normal()
     bias_init: Callable = nn.initializers.zeros
+    stored_sigma: bool = False
 
     def __post_init__(self):
         self._check_coeff()

@@ -130,6 +130,8 @@ class IResNetFeatures(nn.Module):
       inverse_config: the fixed-point inverse's settings.
       remat, unroll: as in ``flow.BlockStack``.
       padding, conv: the convs' padding and implementation (``iresnet_jax.conv.IMPLS``).
+      stored_sigma: evaluate the convs with their stored ``sigma`` (``layers.SpectralConv``;
+        converted checkpoints).
 
     ``__call__(x, *, train=False) -> (features, log_det)``; ``inverse(features) -> x``.
     With ``pad_channels > 0`` the map is injective, and ``log_det`` covers the blocks.
@@ -149,6 +151,7 @@ class IResNetFeatures(nn.Module):
     unroll: int = 1
     padding: str = "SAME"
     conv: str = "xla"
+    stored_sigma: bool = False
 
     def setup(self):
         if self.norm not in NORMS:
@@ -168,7 +171,8 @@ class IResNetFeatures(nn.Module):
                 branch = branch_type(hidden=width, coeff=self.coeff,
                                      n_power_iter=self.n_power_iter,
                                      activation=self.activation, leading_activation=leading,
-                                     padding=self.padding, conv=self.conv)
+                                     padding=self.padding, conv=self.conv,
+                                     stored_sigma=self.stored_sigma)
                 return blocks.InvertibleBlock(
                     branch, actnorm="before" if self.norm == "actnorm" else None,
                     logdet=self.logdet, inverse_config=self.inverse_config)

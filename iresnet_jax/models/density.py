@@ -9,9 +9,9 @@ data's dimension ``D`` with a learned diagonal Gaussian prior:
 ``ln p(x) = ln p_z(F(x)) + sum_t ln det J_{F_t}(x)``, the residual log-dets estimated as
 ``logdet`` says (the paper: the 5- or 10-term series, rng stream ``"logdet"``).
 
-The first block of the network has no leading activation. ``FactorOut`` keeps the first
-half of the channels in the flow (the official code keeps the second; the model class is
-the same).
+The first block of the network has no leading activation. The factor-out keeps the
+first half of the channels in the flow (``keep_half="second"``: the second, as the
+official code does).
 """
 
 from __future__ import annotations
@@ -28,12 +28,16 @@ from iresnet_jax.logdet import LogDetConfig
 from iresnet_jax.models.common import block_stack
 
 Array = jax.Array
+KEEP_HALVES = ("first", "second")
 
 
 def scale_plan(input_shape: Sequence[int], squeeze: Sequence[bool], initial_squeeze: bool,
-               factor_out: bool) -> list[dict]:
+               factor_out: bool, keep_half: str = "first") -> list[dict]:
     """Static shapes of the multiscale flow for one example ``(H, W, C)``: per scale-block
-    ``"blocks_shape"`` (what its blocks act on) and ``"factored_shape"`` (or ``None``)."""
+    ``"blocks_shape"`` (what its blocks act on) and ``"factored_shape"`` (or ``None``).
+    ``keep_half="first"`` keeps ``C // 2`` channels, ``"second"`` factors ``C // 2`` out."""
+    if keep_half not in KEEP_HALVES:
+        raise ValueError(f"keep_half must be one of {KEEP_HALVES}, got {keep_half!r}")
     if len(input_shape) != 3:
         raise ValueError(f"input_shape must be (H, W, C), got {tuple(input_shape)}")
     h, w, c = (int(s) for s in input_shape)
@@ -52,8 +56,8 @@ def scale_plan(input_shape: Sequence[int], squeeze: Sequence[bool], initial_sque
             h, w, c = squeezed(h, w, c, f"scale {i}")
         entry = {"blocks_shape": (h, w, c), "factored_shape": None}
         if factor_out and i < len(squeeze) - 1:
-            keep = c // 2
-            if keep < 1:
+            keep = c // 2 if keep_half == "first" else c - c // 2
+            if keep < 1 or keep == c:
                 raise ValueError(f"cannot factor out half of {c} channel(s) after scale {i}")
             entry["factored_shape"] = (h, w, c - keep)
             c = keep
@@ -70,13 +74,19 @@ class MultiscaleDensity(flow.DensityFlow):
       squeeze: whether each scale-block starts with a squeeze.
       initial_squeeze: squeeze the input before the first scale-block.
       factor_out: factor out half the channels after every scale-block but the last.
-      hidden: channels of the inner convs (paper: 32 MNIST, 512 CIFAR-10).
+      keep_half: which half of the channels stays in the flow at a factor-out,
+        ``"first"`` or ``"second"`` (the official code's).
+      hidden: channels of the inner convs (paper: 32 MNIST, 512 CIFAR-10), one int or
+        one per scale-block.
       coeff: Lipschitz coefficient of every conv, in (0, 1).
       n_power_iter: power iterations per training forward (official code: 5).
       activation: ``"elu"`` (paper), ``"softplus"`` or ``"lipswish"``.
       logdet: the log-det estimator (paper: series, 10 terms MNIST, 5 CIFAR-10).
       inverse_config: the fixed-point inverse's settings.
       learn_prior: learned diagonal Gaussian or the standard normal.
+      actnorm: ActNorm before every block.
+      stored_sigma: evaluate the convs with their stored ``sigma`` (``layers.SpectralConv``;
+        converted checkpoints).
       remat: rematerialize each block in the backward pass.
       unroll: blocks per iteration of each scale's compiled loop (``flow.BlockStack``).
       padding: the convs' padding, ``"SAME"`` or ``"CIRCULAR"``.
@@ -96,13 +106,16 @@ class MultiscaleDensity(flow.DensityFlow):
     squeeze: Sequence[bool] = (False, True, True)
     initial_squeeze: bool = True
     factor_out: bool = True
-    hidden: int = 32
+    keep_half: str = "first"
+    hidden: int | Sequence[int] = 32
     coeff: float = 0.9
     n_power_iter: int = 5
     activation: str = "elu"
     logdet: LogDetConfig = LogDetConfig("series", n_terms=5)
     inverse_config: InverseConfig = InverseConfig()
     learn_prior: bool = True
+    actnorm: bool = True
+    stored_sigma: bool = False
     remat: bool = False
     unroll: int = 1
     padding: str = "SAME"
@@ -116,24 +129,35 @@ class MultiscaleDensity(flow.DensityFlow):
             raise ValueError("a density model needs a Lipschitz coefficient in (0, 1), got "
                              "coeff=None")
 
-        def block(leading: bool):
-            branch = blocks.ConvBranch(hidden=self.hidden, coeff=self.coeff,
-                                       n_power_iter=self.n_power_iter,
-                                       activation=self.activation,
-                                       leading_activation=leading, padding=self.padding,
-                                       conv=self.conv)
-            return blocks.InvertibleBlock(branch, logdet=self.logdet,
-                                          inverse_config=self.inverse_config)
+        n_scales = len(self.blocks_per_scale)
+        hidden = ((self.hidden,) * n_scales if isinstance(self.hidden, int)
+                  else tuple(self.hidden))
+        if len(hidden) != n_scales:
+            raise ValueError(f"hidden needs one width per scale-block ({n_scales}), got "
+                             f"{hidden}")
 
-        self.scales = [block_stack(block, n, first_without_activation=(i == 0),
+        def maker(width: int):
+            def block(leading: bool):
+                branch = blocks.ConvBranch(hidden=width, coeff=self.coeff,
+                                           n_power_iter=self.n_power_iter,
+                                           activation=self.activation,
+                                           leading_activation=leading, padding=self.padding,
+                                           conv=self.conv, stored_sigma=self.stored_sigma)
+                return blocks.InvertibleBlock(branch,
+                                              actnorm="before" if self.actnorm else None,
+                                              logdet=self.logdet,
+                                              inverse_config=self.inverse_config)
+            return block
+
+        self.scales = [block_stack(maker(width), n, first_without_activation=(i == 0),
                                    remat=self.remat, unroll=self.unroll)
-                       for i, n in enumerate(self.blocks_per_scale)]
+                       for i, (n, width) in enumerate(zip(self.blocks_per_scale, hidden))]
         self.prior = flow.DiagonalGaussianPrior(learn=self.learn_prior)
 
     def plan(self) -> list[dict]:
         """``scale_plan`` of this model."""
         return scale_plan(self.input_shape, self.squeeze, self.initial_squeeze,
-                          self.factor_out)
+                          self.factor_out, self.keep_half)
 
     @property
     def latent_dim(self) -> int:
@@ -155,8 +179,11 @@ class MultiscaleDensity(flow.DensityFlow):
             log_det = log_det + ld
             if entry["factored_shape"] is not None:
                 keep = h.shape[-1] - entry["factored_shape"][-1]
-                zs.append(h[..., keep:].reshape(batch, -1))
-                h = h[..., :keep]
+                if self.keep_half == "first":
+                    h, factored = h[..., :keep], h[..., keep:]
+                else:
+                    factored, h = h[..., :-keep], h[..., -keep:]
+                zs.append(factored.reshape(batch, -1))
         zs.append(h.reshape(batch, -1))
         z = jnp.concatenate(zs, axis=-1)
         if self.is_initializing():
@@ -179,7 +206,8 @@ class MultiscaleDensity(flow.DensityFlow):
             if shape is not None:
                 k -= 1
                 piece = z[:, offsets[k]:offsets[k + 1]].reshape((batch,) + tuple(shape))
-                h = jnp.concatenate([h, piece], axis=-1)
+                h = jnp.concatenate([h, piece] if self.keep_half == "first" else [piece, h],
+                                    axis=-1)
             h = self.scales[i].inverse(h, n_iter=n_iter)
             if self.squeeze[i]:
                 h = layers.unsqueeze(h)
