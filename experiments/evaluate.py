@@ -29,12 +29,14 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     setup_run()
+    from iresnet_jax import precision
     from iresnet_jax.train import evaluation
 
-    evaluation.evaluate_workdir(_WORKDIR.value, bias_tol=_BIAS_TOL.value, se_tol=_SE_TOL.value,
-                                n_samples=_N_SAMPLES.value, min_passes=_MIN_PASSES.value,
-                                max_passes=_MAX_PASSES.value, bound=_BOUND.value,
-                                batch_size=_BATCH.value or None)
+    with precision.products(precision.AUTO, exact=True):   # float32 on every backend
+        evaluation.evaluate_workdir(
+            _WORKDIR.value, bias_tol=_BIAS_TOL.value, se_tol=_SE_TOL.value,
+            n_samples=_N_SAMPLES.value, min_passes=_MIN_PASSES.value,
+            max_passes=_MAX_PASSES.value, bound=_BOUND.value, batch_size=_BATCH.value or None)
 
 
 if __name__ == "__main__":

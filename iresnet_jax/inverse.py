@@ -321,7 +321,8 @@ def fixed_point(g: Callable[[Array], Array], y: Array, *, tol: float = 1e-6,
     out = jax.eval_shape(g, y)
     if out.shape != y.shape:
         raise ValueError(f"g must preserve the shape of its input: {y.shape} -> {out.shape}")
-    g_conv, consts = jax.closure_convert(g, y)
+    with precision.exact_products():   # closure_convert fixes the products' precision
+        g_conv, consts = jax.closure_convert(g, y)
     x, info = _fixed_point(g_conv, (float(tol), float(rtol)), int(max_iter), method, y,
                            *consts)
     info = FixedPointInfo(*(lax.stop_gradient(a) for a in info))

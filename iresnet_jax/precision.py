@@ -26,9 +26,9 @@ SETTINGS = (AUTO, "default", "high", "highest", "fastest", "bfloat16", "tensorfl
             "float32", "bfloat16_3x", "tensorfloat32_3x")
 
 
-def check(setting: str) -> str:
+def check(setting: str, name: str = "precision") -> str:
     if setting not in SETTINGS:
-        raise ValueError(f"precision must be one of {SETTINGS}, got {setting!r}")
+        raise ValueError(f"{name} must be one of {SETTINGS}, got {setting!r}")
     return setting
 
 

@@ -37,8 +37,11 @@ def main(argv):
     setup_run(cache=False)   # no compilation cache: the runtime table reports compile times
     s = analyses.get_settings(_QUICK.value)
     s.coeffs = tuple(float(c) for c in _COEFFS.value)
-    summary = analyses.run(_WORKDIR.value, s, only=_ONLY.value or analyses.ANALYSES,
-                           checkpoints=_CHECKPOINTS.value, train_steps=_STEPS.value)
+    from iresnet_jax import precision
+
+    with precision.products(precision.AUTO, exact=True):   # float32 on every backend
+        summary = analyses.run(_WORKDIR.value, s, only=_ONLY.value or analyses.ANALYSES,
+                               checkpoints=_CHECKPOINTS.value, train_steps=_STEPS.value)
     print(f"done in {summary['seconds']['total']:.0f} s; files in {_WORKDIR.value}")
 
 

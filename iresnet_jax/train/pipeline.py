@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from iresnet_jax import flow, models
+from iresnet_jax import flow, models, precision
 from iresnet_jax.train import optim, parallel, tasks
 from iresnet_jax.train.checkpoint import Checkpointer
 from iresnet_jax.train.loop import run
@@ -86,9 +86,11 @@ def create_state(config, model: nn.Module, x_init, tx: optax.GradientTransformat
                              rng=jax.random.key_data(k_run))
 
 
-def make_train_step(model: nn.Module, task) -> Callable[[TrainState, dict], tuple]:
+def make_train_step(model: nn.Module, task, products: str = precision.AUTO
+                    ) -> Callable[[TrainState, dict], tuple]:
     """The pure training step ``(state, batch) -> (state, metrics)``: ``train=True`` (power
-    iterations, BatchNorm statistics), randomness from ``state.step_key()``."""
+    iterations, BatchNorm statistics), randomness from ``state.step_key()``, products at
+    the training precision of ``products`` (``iresnet_jax.precision``)."""
 
     def step(state: TrainState, batch: dict):
         mutable = sorted(state.model_state.keys())
@@ -105,13 +107,14 @@ def make_train_step(model: nn.Module, task) -> Callable[[TrainState, dict], tupl
         out.update({k: jnp.mean(v) for k, v in metrics.items()})
         return state.apply_gradients(grads, {**state.model_state, **new_state}), out
 
-    return step
+    return precision.traced(step, products, exact=False)
 
 
-def make_eval_step(model: nn.Module, task) -> Callable[..., dict]:
+def make_eval_step(model: nn.Module, task, products: str = precision.AUTO
+                   ) -> Callable[..., dict]:
     """``(variables, batch, key) -> sums``: masked sums of the loss and metrics over the
     batch (``train=False``: frozen spectral state, BatchNorm running averages) and the
-    number of real examples."""
+    number of real examples; products at the exact precision of ``products``."""
 
     def step(variables, batch, key):
         loss, metrics, _ = task.outputs(model, variables, batch, key, train=False,
@@ -121,7 +124,7 @@ def make_eval_step(model: nn.Module, task) -> Callable[..., dict]:
         sums.update({k: jnp.sum(v * mask) for k, v in metrics.items()})
         return sums
 
-    return step
+    return precision.traced(step, products, exact=True)
 
 
 def evaluate(task, variables, key, eval_step, mesh) -> dict[str, float]:
@@ -165,6 +168,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     for name in ("batch_size", "eval_batch_size", "log_every", "checkpoint_every"):
         _positive_int(config, name)
     _positive_int(config, "eval_every", allow_zero=True)
+    if "processes" in config:
+        _positive_int(config, "processes")
+    precision.check(config.get("precision", precision.AUTO), "config.precision")
     if config.task == "toy_density" or not config.get("num_epochs"):
         _positive_int(config, "num_steps")
     else:
@@ -228,10 +234,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             s.shape, s.dtype, sharding=parallel.replicated(mesh)), r.state)
     else:
         state = parallel.replicate(r.state, mesh)
-    train_step = jax.jit(make_train_step(model, task),
+    products = config.get("precision", precision.AUTO)
+    train_step = jax.jit(make_train_step(model, task, products),
                          in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
                          out_shardings=parallel.replicated(mesh), donate_argnums=(0,))
-    eval_step = jax.jit(make_eval_step(model, task))
+    eval_step = jax.jit(make_eval_step(model, task, products))
     key = eval_key(config)
     n_params = models.count_params(state.params)
     writer = MetricWriter(workdir) if lead else None
@@ -260,7 +267,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         "steps_this_run": summary["steps_this_run"],
         "steps_per_sec": summary["steps_per_sec"]}
     if lead:
-        result.update(task.finish(model, jax.device_get(state.variables()), workdir, final))
+        with precision.products(products, exact=True):   # samples, round trips, figures
+            result.update(task.finish(model, jax.device_get(state.variables()), workdir,
+                                      final))
         for name, report in result.get("inverse", {}).items():
             extra = (f", largest error {report['max_error']:.2e}" if "max_error" in report
                      else "")
