@@ -8,11 +8,13 @@ Every invertible module follows the flow protocol: ``__call__(x, *, train=False)
 
 from iresnet_jax.layers.activations import (ACTIVATIONS, activation_fn, elu, lipswish,
                                             softplus)
-from iresnet_jax.layers.invertible import (ActNorm, FactorOut, InjectivePad, Squeeze,
-                                           squeeze, unsqueeze)
+from iresnet_jax.layers.invertible import (SQUEEZE_ORDERS, ActNorm, FactorOut,
+                                           InjectivePad, LogitTransform, Squeeze, squeeze,
+                                           unsqueeze)
 from iresnet_jax.layers.spectral import (SPECTRAL, SpectralConv, SpectralDense,
                                          power_iterations)
 
-__all__ = ["ACTIVATIONS", "ActNorm", "FactorOut", "InjectivePad", "SPECTRAL",
-           "SpectralConv", "SpectralDense", "Squeeze", "activation_fn", "elu", "lipswish",
-           "power_iterations", "softplus", "squeeze", "unsqueeze"]
+__all__ = ["ACTIVATIONS", "ActNorm", "FactorOut", "InjectivePad", "LogitTransform",
+           "SPECTRAL", "SQUEEZE_ORDERS", "SpectralConv", "SpectralDense", "Squeeze",
+           "activation_fn", "elu", "lipswish", "power_iterations", "softplus", "squeeze",
+           "unsqueeze"]

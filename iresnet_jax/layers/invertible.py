@@ -1,8 +1,10 @@
 """Invertible layers without a Lipschitz constraint (flow protocol).
 
 ``ActNorm`` initializes from data at ``model.init`` (Glow). ``Squeeze`` is space-to-depth
-with the channel order ``[dy, dx, c]`` of the official i-ResNet code: output channel
-``dy * 2C + dx * C + c`` holds input pixel ``(2i + dy, 2j + dx)``, channel ``c``.
+with the channel order ``[dy, dx, c]`` of the official i-ResNet code (output channel
+``dy * 2C + dx * C + c`` holds input pixel ``(2i + dy, 2j + dx)``, channel ``c``) or
+``[c, dy, dx]`` of the Residual Flows code (``order="channel"``).
+``LogitTransform`` maps dequantized data to the real line (Residual Flows).
 ``InjectivePad`` appends zero channels (its inverse drops them). ``FactorOut`` splits the
 channels into the part that continues through the flow and the part that leaves it.
 """
@@ -62,35 +64,70 @@ class ActNorm(nn.Module):
         return y * jnp.exp(-log_scale) - loc
 
 
-def squeeze(x: Array, factor: int = 2) -> Array:
-    """Space-to-depth ``(B, H, W, C) -> (B, H/f, W/f, f*f*C)``, channel order [dy, dx, c]."""
+SQUEEZE_ORDERS = ("spatial", "channel")
+
+
+def _check_order(order: str):
+    if order not in SQUEEZE_ORDERS:
+        raise ValueError(f"squeeze order must be one of {SQUEEZE_ORDERS}, got {order!r}")
+
+
+def squeeze(x: Array, factor: int = 2, order: str = "spatial") -> Array:
+    """Space-to-depth ``(B, H, W, C) -> (B, H/f, W/f, f*f*C)``. Channel order [dy, dx, c]
+    (``order="spatial"``, the i-ResNet code's) or [c, dy, dx] (``"channel"``, PyTorch's
+    ``pixel_unshuffle``, the Residual Flows code's)."""
+    _check_order(order)
     b, h, w, c = x.shape
     if h % factor or w % factor:
         raise ValueError(f"squeeze needs spatial dims divisible by {factor}, got {(h, w)}")
     x = x.reshape(b, h // factor, factor, w // factor, factor, c)
-    x = x.transpose(0, 1, 3, 2, 4, 5)
+    x = x.transpose((0, 1, 3, 2, 4, 5) if order == "spatial" else (0, 1, 3, 5, 2, 4))
     return x.reshape(b, h // factor, w // factor, factor * factor * c)
 
 
-def unsqueeze(y: Array, factor: int = 2) -> Array:
+def unsqueeze(y: Array, factor: int = 2, order: str = "spatial") -> Array:
     """Inverse of ``squeeze``."""
+    _check_order(order)
     b, h, w, c4 = y.shape
     if c4 % (factor * factor):
         raise ValueError(f"unsqueeze needs channels divisible by {factor * factor}, got {c4}")
     c = c4 // (factor * factor)
-    y = y.reshape(b, h, w, factor, factor, c).transpose(0, 1, 3, 2, 4, 5)
+    if order == "spatial":
+        y = y.reshape(b, h, w, factor, factor, c).transpose(0, 1, 3, 2, 4, 5)
+    else:
+        y = y.reshape(b, h, w, c, factor, factor).transpose(0, 1, 4, 2, 5, 3)
     return y.reshape(b, h * factor, w * factor, c)
 
 
 class Squeeze(nn.Module):
     """Invertible downsampling (space-to-depth); log-det 0. See ``squeeze``."""
     factor: int = 2
+    order: str = "spatial"
 
     def __call__(self, x: Array, *, train: bool = False) -> tuple[Array, Array]:
-        return squeeze(x, self.factor), _zeros_logdet(x)
+        return squeeze(x, self.factor, self.order), _zeros_logdet(x)
 
     def inverse(self, y: Array) -> Array:
-        return unsqueeze(y, self.factor)
+        return unsqueeze(y, self.factor, self.order)
+
+
+class LogitTransform(nn.Module):
+    """``y = logit(alpha + (1 - 2 alpha) (x + shift))`` elementwise (Real NVP's
+    preprocessing, as the Residual Flows code applies it): data dequantized to
+    ``[-shift, 1 - shift)`` to the real line, with its exact log-det."""
+    alpha: float = 0.05
+    shift: float = 0.5
+
+    def __call__(self, x: Array, *, train: bool = False) -> tuple[Array, Array]:
+        if not 0.0 <= self.alpha < 0.5:
+            raise ValueError(f"LogitTransform needs alpha in [0, 0.5), got {self.alpha}")
+        s = self.alpha + (1.0 - 2.0 * self.alpha) * (x + self.shift)
+        y = jnp.log(s) - jnp.log1p(-s)
+        ld = jnp.log1p(-2.0 * self.alpha) - jnp.log(s) - jnp.log1p(-s)
+        return y, jnp.sum(ld.reshape(x.shape[0], -1), axis=-1)
+
+    def inverse(self, y: Array) -> Array:
+        return (jax.nn.sigmoid(y) - self.alpha) / (1.0 - 2.0 * self.alpha) - self.shift
 
 
 class InjectivePad(nn.Module):

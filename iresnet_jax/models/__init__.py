@@ -2,6 +2,7 @@
 
 * ``ToyIResNet`` and ``Glow``: flows for 2-D toy densities;
 * ``MultiscaleDensity``: the multiscale density i-ResNet;
+* ``ResidualFlow``: the Residual Flows image model (its checkpoints: ``interop``);
 * ``IResNetClassifier`` (with its invertible ``IResNetFeatures``) and its baselines
   (``coeff=None``; ``norm="batchnorm"``).
 
@@ -24,6 +25,7 @@ from iresnet_jax.logdet import LogDetConfig
 from iresnet_jax.models.classifier import BatchNormBranch, IResNetClassifier, IResNetFeatures
 from iresnet_jax.models.density import MultiscaleDensity, scale_plan
 from iresnet_jax.models.glow import Glow, GlowStep
+from iresnet_jax.models.resflow import ResidualFlow
 from iresnet_jax.models.toy import ToyIResNet
 
 MODELS: dict[str, type[nn.Module]] = {
@@ -31,11 +33,12 @@ MODELS: dict[str, type[nn.Module]] = {
     "glow": Glow,
     "multiscale_density": MultiscaleDensity,
     "classifier": IResNetClassifier,
+    "residual_flow": ResidualFlow,
 }
 
 __all__ = ["BatchNormBranch", "Glow", "GlowStep", "IResNetClassifier", "IResNetFeatures",
-           "MODELS", "MultiscaleDensity", "ToyIResNet", "build", "count_params",
-           "scale_plan"]
+           "MODELS", "MultiscaleDensity", "ResidualFlow", "ToyIResNet", "build",
+           "count_params", "scale_plan"]
 
 
 def _fields(cls) -> list[str]:
