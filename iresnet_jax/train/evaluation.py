@@ -58,7 +58,7 @@ def _branches(tree: Any, path: tuple = ()):
     """Yields ``(path, subtree)`` for every dict with keys conv0, conv1, ... (a branch)."""
     if not hasattr(tree, "keys"):
         return
-    if "conv0" in tree:
+    if "conv0" in tree or "dense0" in tree:
         yield path, tree
         return
     for k in tree.keys():
@@ -72,32 +72,48 @@ def _get(tree: Any, path: tuple):
 
 
 def block_lipschitz_bounds(params: Any, spectral: Any, *, coeff: float,
-                           padding: str = "SAME", bound: str = "auto") -> list[BlockBound]:
-    """``Lip(g_t) <= prod_i ||W_i||`` for every spectrally normalized conv branch in
-    ``params``, with each norm from ``lipschitz.conv_operator_norm(..., bound)``.
+                           padding: str = "SAME", bound: str = "auto",
+                           stored_sigma: bool = False) -> list[BlockBound]:
+    """``Lip(g_t) <= prod_i ||W_i||`` for every spectrally normalized conv or dense branch
+    in ``params``, conv norms from ``lipschitz.conv_operator_norm(..., bound)``, dense
+    norms from the SVD. ``stored_sigma``: the layers normalize by their stored ``sigma``.
 
     Scanned stacks (kernels with leading block axes) yield one bound per block.
     """
     bounds = []
     for path, branch in _branches(params):
         spec = _get(spectral, path)
-        names = sorted((k for k in branch.keys() if k.startswith("conv")),
-                       key=lambda k: int(k[4:]))
+        kind, nd = ("conv", 4) if "conv0" in branch else ("dense", 2)
+        names = sorted((k for k in branch.keys() if k.startswith(kind)),
+                       key=lambda k: int(k[len(kind):]))
         kernels = [np.asarray(branch[n]["kernel"]) for n in names]
         us = [np.asarray(spec[n]["u"]) for n in names]
-        lead = kernels[0].shape[:-4]
+        sigmas = [np.asarray(spec[n]["sigma"], np.float64) for n in names]
+        lead = kernels[0].shape[:-nd]
         count = int(np.prod(lead)) if lead else 1
-        kernels = [k.reshape((count,) + k.shape[-4:]) for k in kernels]
-        us = [u.reshape((count,) + u.shape[-4:]) for u in us]
+        kernels = [k.reshape((count,) + k.shape[-nd:]) for k in kernels]
+        us = [u.reshape((count,) + u.shape[len(lead):]) for u in us]
+        sigmas = [s.reshape(count) for s in sigmas]
         for b in range(count):
             norms, hows = [], []
-            for k, u in zip(kernels, us):
-                eff = lipschitz.effective_conv_kernel(k[b], u[b], coeff, padding)
-                norm, how = lipschitz.conv_operator_norm(eff, u[b].shape[1:3], padding,
-                                                         bound, u=u[b])
+            for k, u, sigma in zip(kernels, us, sigmas):
+                k64 = k[b].astype(np.float64)
+                if stored_sigma:
+                    eff = k64 / max(1.0, float(sigma[b]) / coeff)
+                elif kind == "conv":
+                    eff = lipschitz.effective_conv_kernel(k64, u[b], coeff, padding)
+                else:
+                    u64 = u[b].astype(np.float64)
+                    own = np.linalg.norm(u64 @ k64) / max(np.linalg.norm(u64), 1e-30)
+                    eff = k64 / max(1.0, float(own) / coeff)
+                if kind == "conv":
+                    norm, how = lipschitz.conv_operator_norm(eff, u[b].shape[1:3], padding,
+                                                             bound, u=u[b])
+                else:
+                    norm, how = float(np.linalg.norm(eff, 2)), "exact-dense"
                 norms.append(norm)
                 hows.append(how)
-            dim = int(np.prod(us[0][b].shape[1:]))
+            dim = int(np.prod(us[0][b].shape[1:] if kind == "conv" else us[0][b].shape))
             name = "/".join(str(p) for p in path) + (f"[{b}]" if lead else "")
             bounds.append(BlockBound(name, float(np.prod(norms)), dim, tuple(norms),
                                      tuple(hows)))
@@ -189,7 +205,8 @@ def evaluate_workdir(workdir: str, *, bias_tol: float = 1e-4, se_tol: float = 1e
         test = task.test
         bounds = block_lipschitz_bounds(variables["params"], variables["spectral"],
                                         coeff=model.coeff, padding=model.padding,
-                                        bound=bound)
+                                        bound=bound,
+                                        stored_sigma=getattr(model, "stored_sigma", False))
         hows = [h for b in bounds for h in b.how]
         how_counts = {h: hows.count(h) for h in sorted(set(hows))}
         nats_per_bpd = test.dim * math.log(2.0)
