@@ -91,7 +91,7 @@ def test_converted_models_reproduce_the_official_outputs(name):
         np.testing.assert_allclose(features, _nhwc(ref["features"]), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["density_tiny", "density_flat_tiny", "classifier_tiny"])
+@pytest.mark.parametrize("name", NAMES)
 def test_twenty_iteration_inverse_matches_the_official(name):
     """``inverse(., n_iter=20)`` from the official latents (features) gives the official
     20-iteration inverse."""
