@@ -19,8 +19,15 @@ _CACHE_DIR = flags.DEFINE_string(
     "to compile are stored and reused by later runs); empty to turn it off. "
     "JAX_COMPILATION_CACHE_DIR, when set, takes precedence.")
 _DISTRIBUTED = flags.DEFINE_bool(
-    "jax_distributed", False, "Call jax.distributed.initialize() first (multi-host runs; "
-    "the cluster is detected from the environment).")
+    "jax_distributed", False, "Connect this process to the others of a multi-host run "
+    "with jax.distributed.initialize(), which detects the cluster (SLURM, TPU pods) or "
+    "takes --coordinator_address, --num_processes and --process_id.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0 (multi-host runs).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "Number of processes (multi-host runs).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                   "This process's id (multi-host runs).")
 
 
 def quiet_logs() -> None:
@@ -46,15 +53,16 @@ def use_compilation_cache(path: str | None = None) -> str | None:
 
 
 def setup_run(*, cache: bool = True) -> None:
-    """What every binary does first: quiet logs, ``jax.distributed.initialize()`` when
-    asked, the CPU tuning and (``cache``) the compilation cache."""
-    import jax
-
+    """What every binary does first: quiet logs, the connection to the other processes
+    of a run (``train.distributed.initialize``), the CPU tuning and (``cache``) the
+    compilation cache."""
     from iresnet_jax import tuning
+    from iresnet_jax.train import distributed
 
     quiet_logs()
-    if _DISTRIBUTED.value:
-        jax.distributed.initialize()
-    tuning.setup()
+    connected = distributed.initialize(
+        auto=_DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
+        num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+    tuning.setup(relaunch=not connected)   # a restart would drop the connection
     if cache:
         use_compilation_cache()

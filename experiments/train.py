@@ -4,9 +4,12 @@ r"""Trains any task from a config file; rerunning the same command resumes.
         --workdir=/tmp/digits_density [--config.model.logdet.gradient=neumann]
 
 Every config field can be overridden on the command line (``--config.<field>=value``).
-Writes checkpoints, ``metrics.jsonl``, TensorBoard logs, ``config.json`` and
-``metrics.json`` into ``--workdir``.
+``--config.processes=N`` runs N processes of one data-parallel run on this machine
+(``iresnet_jax.train.distributed``). Writes checkpoints, ``metrics.jsonl``, TensorBoard
+logs, ``config.json`` and ``metrics.json`` into ``--workdir``.
 """
+
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -30,7 +33,11 @@ def make_main(config_flag, workdir_flag):
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
         setup_run()
         from iresnet_jax import train
+        from iresnet_jax.train import distributed
 
+        processes = config_flag.value.get("processes", 1)
+        if processes > 1 and not distributed.launched():
+            sys.exit(distributed.launch(processes))   # the processes run this command
         train.train_and_evaluate(config_flag.value, workdir_flag.value)
     return main
 

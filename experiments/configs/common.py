@@ -63,6 +63,8 @@ def base(task: str, dataset: str) -> ml_collections.ConfigDict:
     c.log_every = 100
     c.checkpoint_every = 1000
     c.eval_every = 0           # 0: evaluate at the end only
+    c.processes = 1            # processes of one data-parallel run on this machine
+    c.precision = "auto"       # products: fast in training, float32 where exact (precision.py)
     return c
 
 

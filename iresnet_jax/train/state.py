@@ -65,7 +65,7 @@ def check_workdir(workdir: str) -> str:
         raise ValueError("--workdir is required (a directory for checkpoints and outputs)")
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_test")
+        probe = os.path.join(workdir, f".write_test.{os.getpid()}")   # one per process
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
