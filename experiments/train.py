@@ -37,6 +37,12 @@ def make_main(config_flag, workdir_flag):
 
         processes = config_flag.value.get("processes", 1)
         if processes > 1 and not distributed.launched():
+            import jax
+
+            if jax.process_count() > 1:
+                raise app.UsageError(
+                    "--config.processes starts processes on this machine; a multi-host "
+                    "run (--jax_distributed or --coordinator_address) already has its own")
             sys.exit(distributed.launch(processes))   # the processes run this command
         train.train_and_evaluate(config_flag.value, workdir_flag.value)
     return main
