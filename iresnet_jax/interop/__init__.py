@@ -6,7 +6,8 @@ into models of this library.
 * ``read(source, path, params=None)``: a checkpoint of ``SOURCES[source]`` as a
   ``Converted`` model (settings, variables, task); ``save_workdir`` writes it as a
   training workdir that ``iresnet_jax.load`` reads. Source ``"iresnet"``: the official
-  PyTorch i-ResNet (``iresnet``), read without PyTorch (``torch_pickle``).
+  PyTorch i-ResNet (``iresnet``), read without PyTorch (``torch_pickle``); ``"resflow"``:
+  the official Residual Flows checkpoints (``resflow``, EMA weights by default).
 
 See docs/interop.md.
 """
@@ -15,14 +16,15 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
-from iresnet_jax.interop import iresnet, torch_pickle
+from iresnet_jax.interop import iresnet, resflow, torch_pickle
 from iresnet_jax.interop.workdir import Converted, check_variables, save_workdir
 
 # source name -> read(path, params) -> Converted
-SOURCES: dict[str, Callable[..., Converted]] = {"iresnet": iresnet.read}
+SOURCES: dict[str, Callable[..., Converted]] = {"iresnet": iresnet.read,
+                                                "resflow": resflow.read}
 
 __all__ = ["Converted", "SOURCES", "as_distrax", "check_variables", "iresnet", "read",
-           "save_workdir", "torch_pickle"]
+           "resflow", "save_workdir", "torch_pickle"]
 
 
 def read(source: str, path: str, params: Mapping[str, Any] | None = None) -> Converted:
