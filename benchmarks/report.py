@@ -283,6 +283,18 @@ def accelerator(found: dict) -> list[str] | None:
     return lines
 
 
+PROCESS_ROWS = (("toy.train", "main job: training step, batch 250"),
+                ("classifier.train", LABELS["classifier.train"] + ", batch 64"),
+                ("density.train_logdet", LABELS["density.train_logdet"] + ", batch 64"))
+
+
+def processes(r: dict) -> list[str]:
+    n = r["processes"]
+    rows = [[label, r[f"{key}.one"] * 1e3, r[f"{key}.processes"] * 1e3, r[f"{key}.ratio"]]
+            for key, label in PROCESS_ROWS if f"{key}.one" in r]
+    return table(["step", "1 process (ms)", f"{n} processes (ms)", f"{n} / 1"], rows)
+
+
 def _seconds(s: float) -> str:
     return f"{s / 60:.1f} min" if s >= 120 else f"{s:.0f} s"
 
@@ -422,6 +434,7 @@ BLOCKS = {"anchor": ("anchor", anchor, "anchor"),
           "reference_torch": ("reference_torch", reference_torch, "reference_torch --repo PATH"),
           "block": ("block", block, "block"), "neumann": ("neumann", neumann, "neumann"),
           "inverse": ("inverse", inverse, "inverse"),
+          "processes": ("processes", processes, "processes"),
           "density_model": ("density_model", density_model, "density_model"),
           "accelerator": (None, accelerator, "accelerator"),
           "runs_toy": ("runs_toy", runs_toy, "runs toy"),
