@@ -186,16 +186,17 @@ class DensityFlow(nn.Module):
 
 
 def inverse_report(intermediates) -> dict:
-    """What the fixed-point inverses of one ``apply(..., mutable=["intermediates"])`` sowed,
-    read at no extra cost: ``worst_residual`` (the largest last step of any example in any
-    block, a bound on its residual), ``not_converged`` (examples that some block left
-    unconverged), ``examples`` and ``max_iterations``; ``{}`` when nothing was inverted
-    by fixed point (analytic flows, or exactly ``n_iter`` iterations).
+    """What the fixed-point inverses of one ``apply(..., mutable=["intermediates"])`` sowed
+    (its returned state, or that state's ``"intermediates"``; an analytic flow returns no
+    such collection), read at no extra cost: ``worst_residual`` (the largest last step of
+    any example in any block, a bound on its residual), ``not_converged`` (examples that
+    some block left unconverged), ``examples`` and ``max_iterations``; ``{}`` when nothing
+    was inverted by fixed point (analytic flows, or exactly ``n_iter`` iterations).
 
     Example:
       >>> x, state = model.apply(v, 16, method="sample", rngs={"sample": key},
       ...                        mutable=["intermediates"])
-      >>> inverse_report(state["intermediates"])   # {"worst_residual": 3e-07, ...}
+      >>> inverse_report(state)   # {"worst_residual": 3e-07, ...}
     """
     found: dict[str, list] = {"inverse_residual": [], "inverse_converged": [],
                               "inverse_iterations": []}
@@ -216,7 +217,7 @@ def inverse_report(intermediates) -> dict:
 
 def describe_inverse(report: dict) -> str:
     """One log line for an ``inverse_report``."""
-    if not report:
+    if "worst_residual" not in report:
         return "inverse: no fixed-point iteration"
     return (f"inverse: worst residual {report['worst_residual']:.2e}, "
             f"{report['not_converged']} of {report['examples']} examples not converged "

@@ -187,7 +187,7 @@ def reconstruct(t, x: np.ndarray, *, max_iter: int = 100
                    "max_error": float(np.max(per_max)) if finite else math.inf,
                    "mean_error": float(np.mean(per_mean)) if finite else math.inf,
                    "finite": finite, "per_image_max_error": per_max.tolist(),
-                   "inverse": flow.inverse_report(sown["intermediates"])}
+                   "inverse": flow.inverse_report(sown)}
 
 
 def fixed_point_convergence(t, x: np.ndarray, iterations: Sequence[int], *,
@@ -342,7 +342,7 @@ def sample_images(t, n: int, key: Array, *, temperature: float = 1.0
     x, sown = fn(t.variables, key)
     x = np.asarray(x)
     return x, {"model": t.name, "samples": int(n), "temperature": float(temperature),
-               "inverse": flow.inverse_report(sown["intermediates"]),
+               "inverse": flow.inverse_report(sown),
                "train_steps": t.step, "finite": bool(np.all(np.isfinite(x))),
                "min": float(np.nanmin(x)), "max": float(np.nanmax(x)),
                "fraction_in_data_range": float(np.mean((x >= -0.5) & (x <= 0.5))),

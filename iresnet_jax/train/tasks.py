@@ -101,7 +101,7 @@ class ToyDensity:
                                                       mutable=["intermediates"]))
             samples, sown = sample(variables, jax.random.fold_in(jax.random.key(c.seed), 9))
             samples = np.asarray(samples)
-            out["inverse"]["samples"] = flow.inverse_report(sown["intermediates"])
+            out["inverse"]["samples"] = flow.inverse_report(sown)
             if toy2d.has_log_density(c.dataset):
                 inside = np.isfinite(toy2d.log_density(c.dataset, samples))
                 out["sample_fraction_in_support"] = float(np.mean(inside))
@@ -124,7 +124,7 @@ def _round_trip(model, variables, x, key) -> dict:
         return model.apply(v, z, method="inverse", mutable=["intermediates"])
 
     x_rec, sown = jax.jit(fn)(variables, x)
-    return {**flow.inverse_report(sown["intermediates"]),
+    return {**flow.inverse_report(sown),
             "max_error": float(np.max(np.abs(np.asarray(x_rec) - x)))}
 
 
