@@ -6,9 +6,11 @@ r"""Converts another library's checkpoint into a training workdir of this one.
 
 ``--from=iresnet``: the official PyTorch i-ResNet (a whole model saved by its training
 script, or a state dict with ``--params``: its ``params.txt`` or a JSON of the
-constructor's arguments), read without PyTorch. Writes ``config.json`` and a step-0
-checkpoint that ``iresnet_jax.load``, ``experiments.evaluate``, ``experiments.analyses``
-and ``experiments.train`` (further training) read like any trained run. The training
+constructor's arguments), read without PyTorch; ``--from=resflow``: a checkpoint of the
+official Residual Flows' ``train_img.py`` (its EMA weights; ``--weights=raw``: the
+trained ones). Writes ``config.json`` and a step-0 checkpoint that ``iresnet_jax.load``,
+``experiments.evaluate``, ``experiments.analyses`` and ``experiments.train`` (further
+training) read like any trained run. The training
 settings come from ``--config`` (its ``model`` replaced by the converted one, then its
 ``--config.model.*`` overrides applied) or, without it, from the task's defaults in
 ``experiments/configs/common.py`` on ``--dataset`` (default: the checkpoint's, else the
@@ -31,6 +33,9 @@ _PARAMS = flags.DEFINE_string("params", None, "The model's settings where the ch
                               "holds a state dict: params.txt of the official script, or "
                               "a JSON file of the constructor's arguments.")
 _DATASET = flags.DEFINE_string("dataset", None, "Dataset of the workdir (without --config).")
+_WEIGHTS = flags.DEFINE_enum("weights", None, ["ema", "raw"], "Which weights of a "
+                             "checkpoint that holds both (resflow): the EMA ones (its "
+                             "default) or the trained ones.")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config whose settings the workdir takes (optional).",
     lock_config=False)
@@ -128,6 +133,8 @@ def main(argv):
                      for k, v in config_flags.get_override_values(flags.FLAGS["config"]).items()
                      if k.startswith("model.")}
     params = read_params(_PARAMS.value) if _PARAMS.value else None
+    if _WEIGHTS.value:
+        params = {**(params or {}), "weights": _WEIGHTS.value}
     written = convert(_FROM.value, _CHECKPOINT.value, _WORKDIR.value, params=params,
                       config=config, dataset=_DATASET.value, model_overrides=overrides)
     print(f"wrote {_WORKDIR.value}: {written.model.name} for {written.task} on "

@@ -107,6 +107,26 @@ def density(dataset: str, train_size: int, *, n_terms: int, batch_size: int = 12
     return c
 
 
+def residual_flow(dataset: str, train_img_args: dict) -> ml_collections.ConfigDict:
+    """The Residual Flows code's settings (``train_img.py``): the model its arguments
+    build (``interop.resflow.model_spec``), Adam 1e-3 with betas (0.9, 0.99), 1000
+    warm-up steps, gradients clipped at 1, batch 64, 1000 epochs."""
+    from iresnet_jax.interop import resflow
+
+    c = image("density", dataset)
+    c.batch_size = 64
+    c.normalization = "none"
+    c.num_epochs = 1000.0
+    spec = resflow.model_spec(train_img_args)
+    del spec["name"]
+    logdet = spec.pop("logdet")
+    c.model = model("residual_flow", logdet=logdet, **{**spec, "stored_sigma": False,
+                                                        "conv": "auto"})
+    c.optimizer = optim.settings(name="adam", learning_rate=1e-3, b2=0.99, grad_clip=1.0,
+                                 warmup_steps=1000)
+    return c
+
+
 # The paper's multiscale layout for 28x28 (MNIST) inputs: squeeze to 14x14x4, three
 # scale-blocks, a squeeze before the second, half the channels factored out after the
 # first two; c = 0.9, 5 power iterations, ELU, convs as fast as the backend allows.
