@@ -111,6 +111,10 @@ def test_reconstructions_and_convergence(classifiers, tmp_path):
     assert set(recon) == {"c=0.9", "vanilla", "batchnorm"}
     assert recon["c=0.9"]["max_error"] < 1e-4
     assert out["reconstructions"]["c=0.9"]["mean_error"] <= recon["c=0.9"]["max_error"]
+    inverse = recon["c=0.9"]["inverse"]    # the inverse's own report: every example counted
+    assert inverse["examples"] == s.recon_images
+    assert 1 <= inverse["max_iterations"] <= s.recon_iterations
+    assert 0 <= inverse["not_converged"] <= s.recon_images and inverse["worst_residual"] < 1e-3
     with open(tmp_path / "fixed_point_convergence.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["iterations"]) for r in rows] == [1, 2, 5, 20, 100]
@@ -161,11 +165,17 @@ def test_logdet_bias(density, tmp_path):
 
 
 def test_samples(density, tmp_path):
+    lines = []
     out = analyses.run(str(tmp_path), _settings(), only=["samples"], models=density,
-                       print_fn=lambda line: None)
+                       print_fn=lines.append)
     _files(tmp_path, "samples.png", "samples.json", "samples.npy")
     x = np.load(tmp_path / "samples.npy")
     assert x.shape == (8, 8, 8, 1) and np.all(np.isfinite(x))
+    inverse = out["samples"]["inverse"]
+    assert inverse["examples"] == 8 and 0 <= inverse["not_converged"] <= 8
+    said = (f"samples: inverse: worst residual {inverse['worst_residual']:.2e}, "
+            f"{inverse['not_converged']} of 8 examples not converged")
+    assert any(line.startswith(said) for line in lines)
     assert out["samples"]["train_steps"] == 1
     assert out["samples"]["max"] == pytest.approx(float(x.max()))
 
