@@ -135,6 +135,22 @@ def test_damaged_newest_checkpoint_resumes_from_the_one_before(reference, tmp_pa
     assert steps == list(range(1, STEPS + 1))  # the replayed step wrote no second line
 
 
+def test_save_cut_by_a_kill_is_ignored(reference, tmp_path):
+    """Orbax writes a step under a temporary name and renames it when complete: what a kill
+    mid-save leaves is not a checkpoint."""
+    ref, _ = reference
+    workdir = tmp_path / "run"
+    shutil.copytree(ref, workdir)
+    unfinished = workdir / "checkpoints" / f"{STEPS + 1}.orbax-checkpoint-tmp-1796619146"
+    shutil.copytree(workdir / "checkpoints" / str(STEPS), unfinished)
+    _damage(unfinished, "metadata")
+    lines = []
+    result = train.train_and_evaluate(_config(), str(workdir), print_fn=lines.append)
+    assert f"resumed from checkpoint at step {STEPS}" in "\n".join(lines)
+    assert not any("damaged" in line for line in lines)
+    assert result["steps_this_run"] == 0 and result["final"]["step"] == STEPS
+
+
 def test_digest_catches_what_orbax_reads_without_error(tmp_path):
     """Bytes overwritten in an array file can restore without an error, with other values;
     the digest saved with each checkpoint is what tells."""
