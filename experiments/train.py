@@ -18,7 +18,11 @@ from experiments import setup_run
 
 
 def define_flags(default_config: str | None = None):
-    """The ``--config`` and ``--workdir`` flags (``default_config``: a config file)."""
+    """The ``--config`` and ``--workdir`` flags (``default_config``: a config file); a
+    ``--config.<field>`` that names no field stops here with the nearest valid ones."""
+    from experiments.configs import overrides
+
+    overrides.check_argv(default_config=default_config)
     config = config_flags.DEFINE_config_file("config", default_config,
                                              "Path to a config file (experiments/configs).",
                                              lock_config=True)

@@ -375,6 +375,22 @@ def test_binary_names_a_value_of_the_wrong_type(tmp_path):
     assert "--config.batch_size=sixteen" in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("binary, override, expected", [
+    ("experiments.train", "--config.nosuchfield=3",
+     "unknown config field config.nosuchfield (fields of config: "),
+    ("experiments.toy_density", "--config.model.n_blockz=3",
+     "config.model.n_blockz; did you mean config.model.n_blocks?"),
+])
+def test_binary_names_an_unknown_config_field(tmp_path, binary, override, expected):
+    config = [TINY["density"][0]] if binary == "experiments.train" else []
+    done = subprocess.run([sys.executable, "-m", binary, *config, override,
+                           f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300,
+                          env={**os.environ, "IRESNET_JAX_NO_RELAUNCH": "1"})
+    assert done.returncode != 0
+    assert expected in done.stderr and "Traceback" not in done.stderr
+
+
 # ------------------------------------------------------------------------------------
 # The inverse never silently wrong
 
