@@ -121,9 +121,11 @@ class LogitTransform(nn.Module):
     def __call__(self, x: Array, *, train: bool = False) -> tuple[Array, Array]:
         if not 0.0 <= self.alpha < 0.5:
             raise ValueError(f"LogitTransform needs alpha in [0, 0.5), got {self.alpha}")
+        # s and 1 - s each from x directly: exact where x is, even when s is near 1.
         s = self.alpha + (1.0 - 2.0 * self.alpha) * (x + self.shift)
-        y = jnp.log(s) - jnp.log1p(-s)
-        ld = jnp.log1p(-2.0 * self.alpha) - jnp.log(s) - jnp.log1p(-s)
+        t = self.alpha + (1.0 - 2.0 * self.alpha) * ((1.0 - self.shift) - x)
+        y = jnp.log(s) - jnp.log(t)
+        ld = jnp.log1p(-2.0 * self.alpha) - jnp.log(s) - jnp.log(t)
         return y, jnp.sum(ld.reshape(x.shape[0], -1), axis=-1)
 
     def inverse(self, y: Array) -> Array:
