@@ -203,3 +203,17 @@ def test_convert_writes_a_workdir_that_loads(tmp_path):
     model, variables = iresnet_jax.load(workdir)
     z, _ = jax.jit(model.clone(logdet=LogDetConfig("none")).apply)(variables, ours(ref["x"]))
     np.testing.assert_allclose(z, ref["z_raw"], rtol=0, atol=1e-5)
+
+
+def test_options_missing_from_the_arguments_take_the_script_defaults(monkeypatch):
+    """A checkpoint of an older ``train_img.py`` may lack options: they take the script's
+    defaults, and the key check refuses the file when its tensors do not fit them."""
+    path, _ = fixture("mnist_small")
+    obj = torch_pickle.load(path)
+    del obj["args"].attributes["preact"]             # the default, True, is the fixture's
+    monkeypatch.setattr(resflow.torch_pickle, "load", lambda _: obj)
+    assert interop.read("resflow", path).model["preact"] is True
+    del obj["args"].attributes["fc_idim"]            # the default, 128, is not
+    with pytest.raises(ValueError, match=r"transforms\.2\.chain\.2\.nnet\.nnet\.1\.weight has "
+                                         r"shape \(16, 256\).*needs \(128, 256\)"):
+        interop.read("resflow", path)

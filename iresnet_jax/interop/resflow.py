@@ -334,7 +334,8 @@ def _roulette_params(state: Mapping[str, np.ndarray], places: list[dict]
 def read(path: str, params: Mapping[str, Any] | None = None) -> Converted:
     """Converts a checkpoint of ``train_img.py``. ``params``: ``{"weights": "ema"}``
     (default: the EMA weights the official evaluation uses) or ``"raw"``; other entries
-    override the checkpoint's arguments."""
+    override the checkpoint's arguments, and options it lacks take the script's
+    defaults (``TRAIN_IMG_DEFAULTS``)."""
     params = dict(params or {})
     weights = params.pop("weights", "ema")
     if weights not in WEIGHTS:
@@ -343,7 +344,9 @@ def read(path: str, params: Mapping[str, Any] | None = None) -> Converted:
     if not isinstance(obj, Mapping) or "args" not in obj or "state_dict" not in obj:
         raise ValueError(f"{path} is not a checkpoint of train_img.py (a dictionary with "
                          "'args' and 'state_dict')")
-    args = {**obj["args"].attributes, **params}
+    # An option the pickled arguments lack takes the script's default (the key check
+    # below refuses a checkpoint whose tensors then do not fit).
+    args = {**TRAIN_IMG_DEFAULTS, **obj["args"].attributes, **params}
     state = dict(torch_pickle.state_dict(obj["state_dict"]))
     if weights == "ema":
         ema = obj.get("ema")
