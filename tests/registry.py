@@ -43,6 +43,7 @@ def _mlp_block(**kw):
 REGISTRY = [
     Entry("actnorm", layers.ActNorm, (3, 2, 2, 3)),
     Entry("squeeze", layers.Squeeze, (2, 4, 4, 1)),
+    Entry("squeeze_channel_first", lambda: layers.Squeeze(order="channel"), (2, 4, 4, 2)),
     Entry("mlp_block_actnorm_after", lambda: _mlp_block(actnorm="after"), (4, 2)),
     Entry("mlp_block_lipswish", lambda: _block(
         blocks.MLPBranch(hidden=(8,), coeff=0.7, activation="lipswish"), actnorm=None),
@@ -77,4 +78,10 @@ REGISTRY = [
     Entry("classifier_features_padded", lambda: models.IResNetFeatures(
         stages=(1, 1), hidden=4, squeeze=(False, True), pad_channels=1, logdet=EXACT,
         inverse_config=TIGHT), (2, 4, 4, 1), exact_logdet=False),
+    # Residual Flows' model: first ActNorm, squeeze, factor-out, fully connected blocks
+    # (its logit transform needs inputs in [-0.5, 0.5): tests/test_resflow.py).
+    Entry("residual_flow", lambda: models.ResidualFlow(
+        input_shape=(8, 8, 1), blocks_per_scale=(1, 1), hidden=4, fc_hidden=4,
+        factor_out=True, logit_alpha=None, coeff=0.9, logdet=EXACT, inverse_config=TIGHT),
+        (2, 8, 8, 1)),
 ]
