@@ -310,6 +310,14 @@ def runs_toy(r: dict) -> list[str]:
             ["density's mass on the plotted square", f"{m['density_mass_on_plot_grid']:.4f}"],
             ["samples on the support", f"{m['sample_fraction_in_support']:.3f}"],
             ["parameters", num(m["parameters"], 6)]]
+    for name, label in (("samples", "samples' inverse"), ("round_trip", "test points' round trip")):
+        report = m.get("inverse", {}).get(name)
+        if report:
+            error = (f", largest error {report['max_error']:.1e}" if "max_error" in report
+                     else "")
+            rows.append([f"{label}: not converged / worst residual{', error' if error else ''}",
+                         f"{report['not_converged']} of {report['examples']} / "
+                         f"{report['worst_residual']:.1e}{error}"])
     return table(["measure", "value"], rows)
 
 
