@@ -229,10 +229,9 @@ def _anderson_solve(g, y, tol, max_iter, memory=5, reg=None, rtol=0.0):
 def _solve(g, y, tols, max_iter, method):
     """``tols = (tol, rtol)``: an example stops once its step is ``<= tol + rtol * max|x|``."""
     tol, rtol = tols
-    with precision.exact_products():
-        if method == "plain":
-            return _plain_solve(g, y, tol, max_iter, rtol=rtol)
-        return _anderson_solve(g, y, tol, max_iter, rtol=rtol)
+    if method == "plain":
+        return _plain_solve(g, y, tol, max_iter, rtol=rtol)
+    return _anderson_solve(g, y, tol, max_iter, rtol=rtol)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
@@ -248,13 +247,14 @@ def _fixed_point_fwd(g, tols, max_iter, method, y, *consts):
 def _fixed_point_bwd(g, tols, max_iter, method, res, cotangents):
     x, consts = res
     xbar = cotangents[0]
-    with precision.exact_products():
-        _, vjp_x = jax.vjp(lambda x_: g(x_, *consts), x)
-        # Solve u = xbar - J_g^T u: a contraction like the forward problem (||J_g|| <=
-        # Lip(g)), solved by the same method with per-example stopping.
-        u, _ = _solve(lambda w: vjp_x(w)[0], xbar, tols, max_iter, method)
-        _, vjp_fn = jax.vjp(lambda x_, *c: g(x_, *c), x, *consts)
-        const_bars = vjp_fn(u)[1:]
+    # g's products carry the precision fixed when fixed_point converted it; their
+    # transposes keep it.
+    _, vjp_x = jax.vjp(lambda x_: g(x_, *consts), x)
+    # Solve u = xbar - J_g^T u: a contraction like the forward problem (||J_g|| <=
+    # Lip(g)), solved by the same method with per-example stopping.
+    u, _ = _solve(lambda w: vjp_x(w)[0], xbar, tols, max_iter, method)
+    _, vjp_fn = jax.vjp(lambda x_, *c: g(x_, *c), x, *consts)
+    const_bars = vjp_fn(u)[1:]
     negate = lambda c: c if c.dtype == jax.dtypes.float0 else -c
     return (u,) + tuple(jax.tree.map(negate, c) for c in const_bars)
 

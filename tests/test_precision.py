@@ -84,6 +84,10 @@ def test_the_library_inverse_is_exact_unless_chosen(toy):
     assert _precisions(inverse.lower(variables, y).as_text()) == {"HIGHEST"}
     with jax.default_matmul_precision("bfloat16"):
         assert _precisions(inverse.lower(variables, y).as_text()) == {"DEFAULT"}
+    # the implicit-function gradient keeps the inverse's precision
+    grad = jax.jit(jax.grad(lambda v, y: jnp.sum(model.apply(v, y, method="inverse")),
+                            argnums=(0, 1)))
+    assert _precisions(grad.lower(variables, y).as_text()) == {"HIGHEST"}
 
 
 def test_bad_setting_names_the_field():
