@@ -35,7 +35,7 @@ import numpy as np
 
 from iresnet_jax import models
 from iresnet_jax.interop import torch_pickle
-from iresnet_jax.interop.workdir import Converted, check_variables
+from iresnet_jax.interop.workdir import Converted, VariableBuilder, check_variables
 
 CLASSES = ("multiscale_conv_iResNet", "conv_iResNet")
 NONLINEARITIES = {"ELU": "elu", "Softplus": "softplus", "ReLU": "relu",
@@ -318,10 +318,8 @@ def convert(state: Mapping[str, np.ndarray], spec: OfficialSpec) -> dict[str, An
     check_supported(spec)
     check_keys(state, spec)
     sd = {k: np.asarray(v, np.float64) for k, v in state.items()}
-    leaves: dict[tuple, dict] = {}
-
-    def put(path: tuple, index, value):
-        leaves.setdefault(path, {})[index] = np.asarray(value, np.float32)
+    builder = VariableBuilder()
+    put = builder.put
 
     blocks, _ = plan(spec)
     for b in blocks:
@@ -352,13 +350,7 @@ def convert(state: Mapping[str, np.ndarray], spec: OfficialSpec) -> dict[str, An
         put(("batch_stats", "head_norm", "var"), None, sd["bn1.running_var"])
         put(("params", "head", "kernel"), None, sd["logits.weight"].T)
         put(("params", "head", "bias"), None, sd["logits.bias"])
-    variables: dict[str, Any] = {}
-    for path, values in leaves.items():
-        node = variables
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = (values[None] if None in values
-                          else np.stack([values[i] for i in range(len(values))]))
+    variables = builder.variables()
     c, h, w = spec.in_shape
     check_variables(models.build(model_spec(spec)), variables, (h, w, c))
     return variables

@@ -30,7 +30,7 @@ import numpy as np
 
 from iresnet_jax import models
 from iresnet_jax.interop import torch_pickle
-from iresnet_jax.interop.workdir import Converted, check_variables
+from iresnet_jax.interop.workdir import Converted, VariableBuilder, check_variables
 from iresnet_jax.models.resflow import n_scales
 
 DATASETS = {"mnist": ("mnist", 1, 1e-6), "cifar10": ("cifar10", 3, 0.05),
@@ -265,10 +265,8 @@ def convert(state: Mapping[str, np.ndarray], args: Mapping[str, Any],
                f"{args['idim']} (input {spec['input_shape']})")
     sd = {k: np.asarray(v, np.float64) for k, v in state.items()}
     n_iter, tol = args.get("n_lipschitz_iters"), float(args.get("sn_tol", 1e-3))
-    leaves: dict[tuple, dict] = {}
-
-    def put(path, index, value):
-        leaves.setdefault(path, {})[index] = np.asarray(value, np.float32)
+    builder = VariableBuilder()
+    put = builder.put
 
     for p in places:
         key, index = p["key"], p.get("index")
@@ -307,13 +305,7 @@ def convert(state: Mapping[str, np.ndarray], args: Mapping[str, Any],
             put(("params",) + p["path"] + ("bias",), index, sd[key + "bias"])
             put(("spectral",) + p["path"] + ("u",), index, _normalize(start))
             put(("spectral",) + p["path"] + ("sigma",), index, sigma)
-    variables: dict[str, Any] = {}
-    for path, values in leaves.items():
-        node = variables
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = (values[None] if None in values
-                          else np.stack([values[i] for i in range(len(values))]))
+    variables = builder.variables()
     h, w, c = spec["input_shape"]
     check_variables(models.build(spec), variables, (h, w, c))
     return variables

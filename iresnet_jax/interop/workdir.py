@@ -32,6 +32,28 @@ class Converted:
     dataset: str | None = None
 
 
+class VariableBuilder:
+    """Collects converted arrays by variable path and builds the nested variables:
+    ``put(path, None, value)`` for a single leaf, ``put(path, i, value)`` for entry ``i``
+    of a scanned stack (stacked along a leading axis)."""
+
+    def __init__(self):
+        self.leaves: dict[tuple, dict] = {}
+
+    def put(self, path: tuple, index, value) -> None:
+        self.leaves.setdefault(path, {})[index] = np.asarray(value, np.float32)
+
+    def variables(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for path, values in self.leaves.items():
+            node = out
+            for part in path[:-1]:
+                node = node.setdefault(part, {})
+            node[path[-1]] = (values[None] if None in values
+                              else np.stack([values[i] for i in range(len(values))]))
+        return out
+
+
 def check_variables(model, variables, input_shape) -> None:
     """Raises ``ValueError`` naming the first leaf whose shape or presence differs from
     what ``model.init`` makes for inputs of ``input_shape`` (one example)."""
